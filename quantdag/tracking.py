@@ -1,0 +1,150 @@
+"""MLflow lineage for quantize flow runs: one parent run per flow run, one child run per step.
+
+Everything goes through an explicit ``MlflowClient`` and explicit run ids: MLflow's active run is
+per thread, and Prefect runs submitted tasks in worker threads, so ``mlflow.start_run`` there
+would make unrelated top-level runs. Child runs are logged by the flow from each step's returned
+reference, so a step that was a cache hit still gets its child run (tagged ``cached=true``) and
+every parent run has the full lineage.
+
+A retried flow run (Prefect UI "Retry" keeps the flow-run id) reattaches to the parent run that
+carries its ``prefect.flow_run_id`` tag instead of creating a second one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from quantdag.secrets import redact
+
+EXPERIMENT = "quantdag"
+_MAX_PARAM = 6000
+
+
+def flatten(prefix: str, value: Any) -> dict[str, str]:
+    """Flatten a nested dict/list into ``{"a.b.0": "value"}`` strings for MLflow params."""
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for key, item in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), item))
+        return out
+    if isinstance(value, list | tuple):
+        return {prefix: json.dumps(list(value))[:_MAX_PARAM]}
+    return {prefix: str(value)[:_MAX_PARAM]}
+
+
+def numeric(values: dict[str, Any]) -> dict[str, float]:
+    """The finite numeric entries of ``values`` (bools excluded), as floats."""
+    return {
+        k: float(v) for k, v in values.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+
+
+class Tracker:
+    """Parent/child MLflow runs of one quantize flow run.
+
+    Args:
+        tracking_uri: ``sqlite:///...`` or ``http(s)://`` MLflow server.
+        experiment: experiment name (created when missing).
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str = EXPERIMENT) -> None:
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+
+    def parent(self, flow_run_id: str, run_name: str, tags: dict[str, str], params: dict[str, str]) -> str:
+        """Create (or, for a retried flow run, reopen) the parent run; returns its id."""
+        existing = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}' and tags.`quantdag.role` = 'parent'",
+            max_results=1,
+        )
+        if existing:
+            run_id = existing[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, "quantdag.attempts", str(int(existing[0].data.tags.get("quantdag.attempts", "1")) + 1))
+            return run_id
+        run = self.client.create_run(
+            self.experiment_id, run_name=run_name,
+            tags={**tags, "prefect.flow_run_id": flow_run_id, "quantdag.role": "parent", "quantdag.attempts": "1"},
+        )
+        self._log(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def child(self, parent_id: str, step: str, *, cached: bool, params: dict[str, Any] | None = None,
+              metrics: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
+              artifacts: list[Path] | None = None, datasets: list[dict[str, str]] | None = None) -> str:
+        """Log one finished step as a child run of ``parent_id``; returns the child run id.
+
+        ``datasets`` entries have ``name``, ``digest``, ``source`` and ``context`` (logged with
+        ``log_inputs``). A finished step's child is FINISHED; re-logging a step on a retried flow
+        run replaces nothing and adds a new child (the old one stays, marked by its attempt).
+        """
+        run = self.client.create_run(
+            self.experiment_id, run_name=step,
+            tags={"mlflow.parentRunId": parent_id, "quantdag.step": step, "cached": str(cached).lower(), **(tags or {})},
+        )
+        run_id = run.info.run_id
+        self._log(run_id, params=flatten("", params or {}), metrics=numeric(metrics or {}))
+        for entry in datasets or []:
+            dataset = Dataset(name=entry["name"], digest=entry["digest"][:36], source_type="quantdag", source=json.dumps({"uri": entry["source"]}))
+            self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", entry["context"])])])
+        for path in artifacts or []:
+            self.client.log_artifact(run_id, str(path))
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def log_json(self, run_id: str, name: str, payload: Any) -> None:
+        """Log ``payload`` as JSON artifact ``name`` on ``run_id``."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(payload, indent=1, default=str))
+            self.client.log_artifact(run_id, str(path))
+
+    def _log(self, run_id: str, params: dict[str, str] | None = None, metrics: dict[str, float] | None = None) -> None:
+        safe = {k: redact(v) for k, v in (params or {}).items()}
+        items = [Param(k, v) for k, v in safe.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start:start + 100])
+        if metrics:
+            self.client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        """End a run with ``FINISHED``, ``FAILED`` or ``KILLED``."""
+        RunStatus.from_string(status)
+        self.client.set_terminated(run_id, status)
+
+    def register(self, parent_id: str, model_name: str, source_uri: str, tags: dict[str, str]) -> str:
+        """Register the exported checkpoint as a new model version; returns the version number.
+
+        ``create_model_version`` on the artifact URI is used rather than ``register_model``,
+        which fails on a plain directory and leaves an empty model behind (MLflow 3).
+        """
+        try:
+            self.client.get_registered_model(model_name)
+        except Exception:  # noqa: BLE001 - MlflowException RESOURCE_DOES_NOT_EXIST
+            self.client.create_registered_model(model_name)
+        version = self.client.create_model_version(model_name, source_uri, run_id=parent_id, tags=tags)
+        return version.version
+
+    def run_url(self, run_id: str) -> str:
+        """Link to the run in MLflow's UI (for http servers) or how to open it (SQLite)."""
+        if self.tracking_uri.startswith("http"):
+            return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"mlflow ui --backend-store-uri {self.tracking_uri}  (experiment {EXPERIMENT}, run {run_id})"
+
+
+def prefect_run_url(flow_run_id: str) -> str | None:
+    """URL of a flow run in the Prefect UI, when ``PREFECT_UI_URL`` or ``PREFECT_API_URL`` is set."""
+    ui = os.environ.get("PREFECT_UI_URL") or (os.environ.get("PREFECT_API_URL", "").removesuffix("/api") or None)
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui else None

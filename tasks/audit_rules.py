@@ -1,0 +1,468 @@
+"""Rules an exported NVFP4 checkpoint must pass before it is registered (run by tasks/audit.py).
+
+A rule is a function ``(AuditInputs) -> list[Issue]``; an empty list means the rule passed. Rules
+read the checkpoints through :class:`Checkpoint`, which lists tensors from the safetensors headers
+(name, dtype tag, shape) and loads values one tensor at a time, so a 27B export is never held in
+memory. Only the values that a rule must inspect are read: NVFP4 scales and the ``mtp.*`` tensors.
+
+Vocabulary used by every rule:
+
+- *module*: a tensor name without its last component (``model.layers.0.mlp.up_proj``).
+- *quantized linear*: a module with a ``weight_scale`` tensor.
+- *linear weight*: a 2-D ``<module>.weight`` whose module's last component does not contain
+  ``embed`` (embedding tables are 2-D but are gathered, not multiplied). Norm weights and biases
+  (1-D), ``conv1d`` (3-D) and the vision patch embedding ``Conv3d`` (5-D) are not linear weights.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+QUANT_CONFIG_FILE = "hf_quant_config.json"
+GLOBAL_SCALES = ("weight_scale_2", "input_scale")
+SCALE_LEAVES = ("weight_scale", *GLOBAL_SCALES)
+BLOCK = 16  # NVFP4: one E4M3 scale per 16 E2M1 elements along the input (reduction) dimension
+
+# Modules that vLLM loads into one fused weight (its ``packed_modules_mapping``): fused name ->
+# the checkpoint leaves it is built from. One engine-side weight has ONE ``weight_scale_2`` and
+# ONE ``input_scale``, so the members must be quantized alike and share those scalars.
+FUSED_GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "in_proj_qkvz": ("in_proj_qkv", "in_proj_z"),  # Qwen3.5 Gated DeltaNet
+    "in_proj_ba": ("in_proj_b", "in_proj_a"),
+}
+_FUSED_OF_LEAF = {leaf: fused for fused, leaves in FUSED_GROUPS.items() for leaf in leaves}
+
+# Tensors a calibrated KV-cache quantizer leaves behind in a modelopt export
+# (``<attn>.k_proj.k_scale`` = K amax / 448, and the affine variants' biases).
+KV_TENSOR_SUFFIXES = (".k_scale", ".v_scale", ".k_bias", ".v_bias")
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint file is missing, unreadable or malformed.
+
+    Attributes:
+        path: the offending file, prefixed with the checkpoint's label (``export:config.json``).
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+class TensorInfo(NamedTuple):
+    """Header metadata of one stored tensor: shard file, safetensors dtype tag, shape."""
+
+    file: str
+    dtype: str  # "U8", "F8_E4M3", "F32", "BF16", ...
+    shape: tuple[int, ...]
+
+
+class Issue(NamedTuple):
+    """One failure a rule found: the module (or tensor, or file) and what is wrong with it."""
+
+    module: str
+    message: str
+
+
+class Checkpoint:
+    """Read-only view of a Hugging Face checkpoint directory, sharded or not.
+
+    Args:
+        root: local directory holding ``config.json`` and ``model.safetensors`` or
+            ``model.safetensors.index.json`` plus its shards.
+        label: ``"export"`` or ``"base"``; prefixes file names in errors.
+    """
+
+    def __init__(self, root: Path, label: str) -> None:
+        self.root = root
+        self.label = label
+        self._json: dict[str, dict[str, Any]] = {}
+
+    def error(self, name: str, message: str) -> CheckpointFileError:
+        """Build the error for file ``name`` of this checkpoint."""
+        return CheckpointFileError(f"{self.label}:{name}", message)
+
+    def json(self, name: str) -> dict[str, Any]:
+        """Parsed JSON object file ``name``; raises :class:`CheckpointFileError` if absent or bad."""
+        if name not in self._json:
+            try:
+                data = json.loads((self.root / name).read_text())
+            except FileNotFoundError as err:
+                raise self.error(name, "file is missing") from err
+            except (OSError, ValueError) as err:
+                raise self.error(name, f"unreadable JSON ({err})") from err
+            if not isinstance(data, dict):
+                raise self.error(name, "is not a JSON object")
+            self._json[name] = data
+        return self._json[name]
+
+    def _names_by_file(self) -> dict[str, list[str] | None]:
+        """Shard file -> tensor names it must hold (None: whatever the single file holds)."""
+        if (self.root / INDEX_FILE).is_file():
+            weight_map = self.json(INDEX_FILE).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise self.error(INDEX_FILE, "has no weight_map")
+            by_file: dict[str, list[str] | None] = {}
+            for name, file in weight_map.items():
+                by_file.setdefault(file, []).append(name)  # type: ignore[union-attr]
+            return by_file
+        if (self.root / SINGLE_FILE).is_file():
+            return {SINGLE_FILE: None}
+        raise self.error(SINGLE_FILE, f"neither {SINGLE_FILE} nor {INDEX_FILE} exists")
+
+    def _open(self, file: str) -> Any:
+        try:
+            return safe_open(str(self.root / file), framework="pt")
+        except (OSError, SafetensorError) as err:
+            raise self.error(file, f"cannot open safetensors file ({err})") from err
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor's :class:`TensorInfo`, from the headers only (no tensor data is read)."""
+        tensors: dict[str, TensorInfo] = {}
+        for file, wanted in self._names_by_file().items():
+            with self._open(file) as handle:
+                stored = set(handle.keys())
+                missing = sorted(set(wanted or ()) - stored)
+                if missing:
+                    raise self.error(file, f"lacks {len(missing)} indexed tensors, e.g. {missing[:3]}")
+                for name in wanted if wanted is not None else sorted(stored):
+                    piece = handle.get_slice(name)
+                    tensors[name] = TensorInfo(file, piece.get_dtype(), tuple(piece.get_shape()))
+        return tensors
+
+    @cached_property
+    def modules(self) -> dict[str, dict[str, TensorInfo]]:
+        """Tensors grouped by module: ``{module: {leaf: TensorInfo}}`` (leaf: ``weight``, ...)."""
+        grouped: dict[str, dict[str, TensorInfo]] = defaultdict(dict)
+        for name, info in self.tensors.items():
+            module, _, leaf = name.rpartition(".")
+            grouped[module][leaf] = info
+        return dict(grouped)
+
+    def read(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` in the given order, loading one tensor at a time."""
+        with ExitStack() as stack:
+            handles: dict[str, Any] = {}
+            for name in names:
+                file = self.tensors[name].file
+                if file not in handles:
+                    handles[file] = stack.enter_context(self._open(file))
+                yield name, handles[file].get_tensor(name)
+
+
+@dataclass(frozen=True)
+class AuditInputs:
+    """What every rule receives: the export, its BF16 base, and the caller's VLM override.
+
+    ``base`` is None when the base has no safetensors (a GGUF file): no ``mtp.*`` to compare.
+    """
+
+    export: Checkpoint
+    base: Checkpoint | None
+    is_vlm: bool | None
+
+
+def is_linear_weight(name: str, info: TensorInfo) -> bool:
+    """Whether tensor ``name`` is a linear layer's weight (see the module docstring)."""
+    module, _, leaf = name.rpartition(".")
+    return leaf == "weight" and len(info.shape) == 2 and "embed" not in module.rpartition(".")[2]
+
+
+def quantization_section(export: Checkpoint) -> dict[str, Any]:
+    """The ``quantization`` object of the export's ``hf_quant_config.json``."""
+    section = export.json(QUANT_CONFIG_FILE).get("quantization")
+    if not isinstance(section, dict):
+        raise export.error(QUANT_CONFIG_FILE, "has no 'quantization' object")
+    return section
+
+
+def exclude_patterns(export: Checkpoint) -> list[str]:
+    """``quantization.exclude_modules`` of ``hf_quant_config.json`` (fnmatch patterns)."""
+    patterns = quantization_section(export).get("exclude_modules")
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise export.error(QUANT_CONFIG_FILE, "quantization.exclude_modules is not a string list")
+    return patterns
+
+
+def matching_pattern(module: str, patterns: Iterable[str]) -> str | None:
+    """The first pattern that ``module`` matches, case-sensitively (vLLM matches with fnmatch)."""
+    return next((p for p in patterns if fnmatch.fnmatchcase(module, p)), None)
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _shape(info: TensorInfo) -> str:
+    return f"{info.dtype}{list(info.shape)}"
+
+
+def _layout_problems(
+    module: str, params: dict[str, TensorInfo], base: Checkpoint | None
+) -> list[str]:
+    """Dtype/shape problems of one quantized linear, from metadata only."""
+    weight, scale = params.get("weight"), params["weight_scale"]
+    problems = [f"{leaf} is missing" for leaf in GLOBAL_SCALES if leaf not in params]
+    if weight is None:
+        return [*problems, "weight is missing"]
+    base_weight = base.tensors.get(f"{module}.weight") if base is not None else None
+    if base_weight is not None and len(base_weight.shape) == 2:
+        out_features, in_features = base_weight.shape
+    elif len(weight.shape) == 2:
+        out_features, in_features = weight.shape[0], 2 * weight.shape[1]
+    else:
+        return [*problems, f"weight is {_shape(weight)}, expected U8 [out, in/2]"]
+    if in_features % BLOCK:
+        problems.append(f"in_features {in_features} is not a multiple of the {BLOCK}-element block")
+    if (weight.dtype, weight.shape) != ("U8", (out_features, in_features // 2)):
+        problems.append(f"weight is {_shape(weight)}, expected U8{[out_features, in_features // 2]}")
+    if (scale.dtype, scale.shape) != ("F8_E4M3", (out_features, in_features // BLOCK)):
+        problems.append(
+            f"weight_scale is {_shape(scale)}, expected F8_E4M3{[out_features, in_features // BLOCK]}"
+        )
+    for leaf in GLOBAL_SCALES:
+        info = params.get(leaf)
+        if info is not None and (info.dtype != "F32" or info.shape not in ((), (1,))):
+            problems.append(f"{leaf} is {_shape(info)}, expected an F32 scalar")
+    return problems
+
+
+def check_quantized_linear_format(inputs: AuditInputs) -> list[Issue]:
+    """NVFP4 storage format of every quantized linear (NVFP4 layout that modelopt exports).
+
+    Per module with a ``weight_scale``: ``weight`` U8 ``[out, in/2]`` (two E2M1 values a byte),
+    ``weight_scale`` F8_E4M3 ``[out, in/16]`` with finite values >= 0, and F32 scalars
+    ``weight_scale_2`` and ``input_scale`` (``[]`` or ``[1]``), finite and > 0. ``out``/``in`` come
+    from the base's BF16 weight when the base has one. A U8 weight, ``weight_scale_2`` or
+    ``input_scale`` without ``weight_scale`` is reported too.
+    """
+    problems: dict[str, list[str]] = defaultdict(list)
+    scale_names: list[str] = []
+    for module, params in inputs.export.modules.items():
+        if "weight_scale" in params:
+            problems[module] += _layout_problems(module, params, inputs.base)
+            scale_names += [f"{module}.{leaf}" for leaf in SCALE_LEAVES if leaf in params]
+            continue
+        stray = [leaf for leaf in GLOBAL_SCALES if leaf in params]
+        if stray:
+            problems[module].append(f"has {', '.join(stray)} but no weight_scale")
+        if "weight" in params and params["weight"].dtype == "U8":
+            problems[module].append("weight is packed U8 but has no weight_scale")
+    for name, tensor in inputs.export.read(scale_names):
+        module, _, leaf = name.rpartition(".")
+        values = tensor.float()
+        finite = torch.isfinite(values)
+        if leaf == "weight_scale":
+            bad = int((~finite).sum()) + int((values < 0).sum())
+            if bad:
+                problems[module].append(f"weight_scale has {bad} non-finite or negative values")
+        elif not bool((finite & (values > 0)).all()):
+            shown = values.flatten()[:4].tolist()
+            problems[module].append(f"{leaf} must be finite and > 0, got {shown}")
+    return [Issue(module, "; ".join(found)) for module, found in problems.items() if found]
+
+
+def check_exclusions(inputs: AuditInputs) -> list[Issue]:
+    """Unquantized linears are declared and declared modules are unquantized (modelopt config).
+
+    ``hf_quant_config.json`` ``quantization.exclude_modules`` must equal, as a set, the list in
+    ``config.json`` ``quantization_config`` (modelopt 0.47 writes it as ``ignore``). Every linear
+    weight without ``weight_scale`` must match a pattern (else an engine builds an NVFP4 layer for
+    a BF16 tensor), and no module that matches a pattern may carry NVFP4 scales.
+    """
+    export = inputs.export
+    patterns = exclude_patterns(export)
+    issues: list[Issue] = []
+    mirror = export.json("config.json").get("quantization_config")
+    if not isinstance(mirror, dict):
+        issues.append(Issue("config.json", "has no quantization_config: read as unquantized"))
+    else:
+        listed = mirror.get("ignore", mirror.get("exclude_modules"))
+        listed = set(listed) if isinstance(listed, list) else set()
+        if listed != set(patterns):
+            issues.append(Issue("config.json", (
+                "quantization_config.ignore disagrees with hf_quant_config.json exclude_modules: "
+                f"only in config.json {sorted(listed - set(patterns))}, "
+                f"only in hf_quant_config.json {sorted(set(patterns) - listed)}"
+            )))
+    for module, params in export.modules.items():
+        pattern = matching_pattern(module, patterns)
+        scales = [leaf for leaf in SCALE_LEAVES if leaf in params]
+        if scales and pattern is not None:
+            issues.append(Issue(module, f"matches exclude pattern {pattern!r} but carries {scales}"))
+        weight = params.get("weight")
+        if weight is not None and not scales and pattern is None:
+            if is_linear_weight(f"{module}.weight", weight):
+                issues.append(Issue(module, (
+                    f"unquantized linear weight {_shape(weight)} matches no exclude pattern"
+                )))
+    return issues
+
+
+def check_fused_siblings(inputs: AuditInputs) -> list[Issue]:
+    """Modules fused into one engine weight are quantized alike (vLLM's packed module mapping).
+
+    Groups (:data:`FUSED_GROUPS`, members under the same parent module): all members quantized or
+    none; when quantized, ``weight_scale_2`` and ``input_scale`` bit-identical across members.
+    """
+    export = inputs.export
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for module, params in export.modules.items():
+        parent, _, leaf = module.rpartition(".")
+        if leaf in _FUSED_OF_LEAF and "weight" in params:
+            groups[(parent, _FUSED_OF_LEAF[leaf])].append(module)
+    issues: list[Issue] = []
+    for (parent, fused), members in sorted(groups.items()):
+        if len(members) < 2:
+            continue
+        members.sort(key=lambda m: FUSED_GROUPS[fused].index(m.rpartition(".")[2]))
+        label = f"{parent}.{fused} [{', '.join(m.rpartition('.')[2] for m in members)}]"
+        quantized = [m for m in members if "weight_scale" in export.modules[m]]
+        if quantized and len(quantized) < len(members):
+            plain = [m.rpartition(".")[2] for m in members if m not in quantized]
+            issues.append(Issue(label, f"partly quantized: unquantized {plain}"))
+            continue
+        for leaf in GLOBAL_SCALES if quantized else ():
+            names = [f"{m}.{leaf}" for m in members if leaf in export.modules[m]]
+            if len(names) < len(members):
+                continue  # a missing scale is a quantized-linear-format finding
+            values = {n.split(".")[-2]: t for n, t in export.read(names)}
+            if len({_as_bytes(t).numpy().tobytes() for t in values.values()}) > 1:
+                shown = {member: t.flatten().tolist() for member, t in values.items()}
+                issues.append(Issue(label, f"{leaf} differs across members: {shown}"))
+    return issues
+
+
+def check_mtp_preserved(inputs: AuditInputs) -> list[Issue]:
+    """Every ``mtp.*`` tensor of the base is in the export, same dtype, shape and bytes.
+
+    The multi-token-prediction head stays BF16 in the recipe; transformers does not load it
+    (``_keys_to_ignore_on_load_unexpected``), so the export step copies it over. Compared one
+    tensor at a time.
+    """
+    base, export = inputs.base, inputs.export
+    issues: list[Issue] = []
+    same_layout: list[str] = []
+    if base is None:
+        return issues
+    for name in sorted(n for n in base.tensors if n.startswith("mtp.")):
+        want, got = base.tensors[name], export.tensors.get(name)
+        if got is None:
+            issues.append(Issue(name, "missing from the export"))
+        elif (got.dtype, got.shape) != (want.dtype, want.shape):
+            issues.append(Issue(name, f"export has {_shape(got)}, base has {_shape(want)}"))
+        else:
+            same_layout.append(name)
+    pairs = zip(base.read(same_layout), export.read(same_layout), strict=True)
+    for (name, want_tensor), (_, got_tensor) in pairs:
+        want_b, got_b = _as_bytes(want_tensor), _as_bytes(got_tensor)
+        if not torch.equal(want_b, got_b):
+            differing = int((want_b != got_b).sum())
+            issues.append(Issue(name, f"{differing} of {want_b.numel()} bytes differ from the base"))
+    return issues
+
+
+def check_loadable(inputs: AuditInputs) -> list[Issue]:
+    """The export loads for serving: tokenizer, chat template, generation config, VLM processor.
+
+    ``AutoTokenizer`` (and ``AutoProcessor`` with an image processor when the model is a VLM:
+    ``is_vlm``, or when None, ``vision_config`` in ``config.json``) load from the directory
+    alone; a chat template renders a one-turn conversation; ``generation_config.json`` loads.
+    """
+    from transformers import AutoProcessor, AutoTokenizer, GenerationConfig
+
+    root = inputs.export.root
+    is_vlm = inputs.is_vlm
+    if is_vlm is None:
+        is_vlm = "vision_config" in inputs.export.json("config.json")
+    issues: list[Issue] = []
+    loaded: dict[str, Any] = {}
+    loaders: dict[str, Callable[[], Any]] = {
+        "tokenizer": lambda: AutoTokenizer.from_pretrained(root, local_files_only=True),
+        "generation_config.json": lambda: GenerationConfig.from_pretrained(
+            root, local_files_only=True
+        ),
+    }
+    if is_vlm:
+        loaders["processor"] = lambda: AutoProcessor.from_pretrained(root, local_files_only=True)
+    for what, load in loaders.items():
+        try:
+            loaded[what] = load()
+        except Exception as err:  # noqa: BLE001 - any loader failure is this rule's finding
+            issues.append(Issue(what, f"does not load: {type(err).__name__}: {err}"))
+    if "processor" in loaded and not hasattr(loaded["processor"], "image_processor"):
+        kind = type(loaded["processor"]).__name__
+        issues.append(Issue("processor", f"AutoProcessor gave a {kind}, not an image processor"))
+    tokenizer = loaded.get("tokenizer")
+    if tokenizer is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            issues.append(Issue("chat_template", "the tokenizer has no chat template"))
+        else:
+            try:
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True
+                )
+            except Exception as err:  # noqa: BLE001 - a template that does not render is the finding
+                issues.append(Issue("chat_template", f"does not render: {type(err).__name__}: {err}"))
+    return issues
+
+
+def check_kv_cache(inputs: AuditInputs) -> list[Issue]:
+    """NVFP4 with group 16 and an FP8 KV cache without calibrated K/V scales (the fp8_cast recipe).
+
+    With ``use_constant_amax`` the K/V quantizers of modelopt 0.47 register no ``_amax`` buffer,
+    so its export writes no ``k_proj.k_scale``/``v_proj.v_scale`` (a calibrated FP8 KV cache
+    writes amax / 448 there); engines then use scale 1.0, which is amax 448. Any K/V scale or bias
+    tensor therefore means the K/V cache was calibrated. ``config.json``'s
+    ``quantization_config`` must agree (``quant_algo`` NVFP4, ``kv_cache_scheme`` 8-bit float).
+    """
+    export = inputs.export
+    section = quantization_section(export)
+    issues: list[Issue] = []
+    for key, want in (("quant_algo", "NVFP4"), ("group_size", BLOCK), ("kv_cache_quant_algo", "FP8")):
+        if section.get(key) != want:
+            got = section.get(key)
+            issues.append(Issue(QUANT_CONFIG_FILE, f"quantization.{key} is {got!r}, not {want!r}"))
+    mirror = export.json("config.json").get("quantization_config")
+    mirror = mirror if isinstance(mirror, dict) else {}
+    if mirror.get("quant_algo") != "NVFP4":
+        issues.append(
+            Issue("config.json", f"quantization_config.quant_algo is {mirror.get('quant_algo')!r}")
+        )
+    scheme = mirror.get("kv_cache_scheme")
+    if not isinstance(scheme, dict) or (scheme.get("num_bits"), scheme.get("type")) != (8, "float"):
+        issues.append(Issue(
+            "config.json", f"quantization_config.kv_cache_scheme is {scheme!r}, not 8-bit float"
+        ))
+    issues += [
+        Issue(name, "K/V cache scale or bias present: K/V was calibrated, not fp8_cast")
+        for name in export.tensors
+        if name.endswith(KV_TENSOR_SUFFIXES)
+    ]
+    return issues
+
+
+RULES: dict[str, Callable[[AuditInputs], list[Issue]]] = {
+    "quantized-linear-format": check_quantized_linear_format,
+    "exclusions": check_exclusions,
+    "fused-siblings": check_fused_siblings,
+    "mtp-preserved": check_mtp_preserved,
+    "loadable": check_loadable,
+    "kv-cache": check_kv_cache,
+}
