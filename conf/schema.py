@@ -102,6 +102,7 @@ class ImageTextSource(_Frozen):
     seed: int = 0
     max_image_pixels: int = Field(768 * 768, gt=0, description="images above this are downscaled")
     max_text_tokens: int = Field(1024, gt=0, description="text tokens kept per row; image tokens never cut")
+    shards: int = Field(1, ge=1, description="calibrate in this many parallel shards (rows i::shards), merged by max")
 
     @model_validator(mode="after")
     def _one_source(self) -> ImageTextSource:
@@ -124,6 +125,7 @@ class TextSource(_Frozen):
     num_samples: int = Field(128, gt=0)
     seq_len: int = Field(512, gt=0, description="tokens per calibration sample")
     seed: int = 0
+    shards: int = Field(1, ge=1, description="calibrate in this many parallel shards (rows i::shards), merged by max")
 
     @model_validator(mode="after")
     def _one_source(self) -> TextSource:
@@ -133,7 +135,7 @@ class TextSource(_Frozen):
 
 
 class EvalSpec(_Frozen):
-    """Held-out evaluation: perplexity and token KL of NVFP4 vs BF16 on plain text."""
+    """Held-out evaluation of NVFP4 vs BF16: plain text, and for VLMs image-text rows' answer tokens."""
 
     path: str | None = Field(None, description="raw text file (e.g. WikiText-2 wiki.test.raw)")
     repo_id: str | None = "Salesforce/wikitext"
@@ -141,6 +143,9 @@ class EvalSpec(_Frozen):
     split: str = "test"
     seq_len: int = Field(512, gt=0, description="tokens per window")
     max_windows: int = Field(8, gt=0, description="windows of seq_len tokens evaluated")
+    image_text_samples: int = Field(
+        0, ge=0, description="held-out image-text rows (never used in calibration) scored on answer tokens; 0: skip"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> EvalSpec:

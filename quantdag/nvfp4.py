@@ -104,7 +104,7 @@ def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
     magnitude = x.abs().float()
     index = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
-    for midpoint, tie_up in zip(_MIDPOINTS, _TIE_ROUNDS_UP):
+    for midpoint, tie_up in zip(_MIDPOINTS, _TIE_ROUNDS_UP, strict=True):
         index += (magnitude >= midpoint) if tie_up else (magnitude > midpoint)
     return ((x < 0).to(torch.uint8) << 3) | index
 
@@ -260,7 +260,10 @@ def quantize_weight(
         raise ValueError(f"weight must be a floating-point tensor, got {weight.dtype}")
     _check_blocks(weight, "weight", block_size)
     if weight_scale_2 is None:
-        weight_scale_2 = global_scale_from_amax(weight.abs().max().float())
+        amax = weight.abs().max().float()
+        if amax == 0:
+            raise ValueError("weight is all zeros: pass weight_scale_2 explicitly")
+        weight_scale_2 = global_scale_from_amax(amax)
     global_scale = _scalar_scale(weight_scale_2, "weight_scale_2").to(weight.device)
     blocks = weight.float().unflatten(-1, (-1, block_size))
     block_amax = blocks.abs().amax(dim=-1)
@@ -287,15 +290,21 @@ def fake_quantize_activation(
     1. ``amax_b`` = max |x| over each block of ``block_size`` elements along the last dimension.
     2. E4M3 block scale relative to the static global scale: ``s_b = e4m3(min(amax_b /
        (6 * input_scale), 448)) * input_scale`` (E4M3 cast rounds to nearest even).
-    3. A block whose ``s_b`` is below 1e-5 (zero blocks, and blocks whose E4M3 scale underflows)
-       uses ``s_b = 1.0``; its elements then round to 0 (they are below 6e-5).
+    3. A block whose ``s_b`` is below 1e-5 (all-zero blocks, and blocks whose E4M3 scale rounds
+       to zero or nearly) uses ``s_b = 1.0``; its elements, far below 0.25, then round to 0.
     4. Elements: ``sign(x) * round_e2m1(|x| / s_b) * s_b`` (ties to even, saturating at 6, so
        values beyond the calibrated amax clip at ``6 * 448 * input_scale``).
 
-    Computed in float32, so it matches the kernel up to the kernel's approximate float32
-    division. ModelOpt's CUDA-extension path for older GPUs differs only in step 3 (it keeps
-    subnormal E4M3 scales and zeroes a block only when its scale is 0); deployment kernels
-    (TensorRT-LLM) multiply by the reciprocal global scale, which differs by float rounding.
+    Computed in float32 with exact division. On an H200 it reproduced the kernel bit for bit on
+    10.5M float32 and bfloat16 activations (zero, tiny and saturating blocks included). The one
+    known difference: the kernel divides with Triton's approximate float32 division, so an
+    element whose quotient is exactly an E2M1 midpoint may round either way there (observed:
+    down), while here (as in ModelOpt's export and E2M1's round-to-nearest-even) it goes to the
+    even code. Such exact ties are rare in activations but common in BF16 weights, which is one
+    reason ModelOpt's in-memory fake-quant model differs from its exported file. ModelOpt's
+    CUDA-extension path (GPUs below compute capability 8.9) derives the block scale in double
+    precision through its reciprocal and has no 1e-5 rule: on the same H200 data it differed in
+    the last bits of about a quarter of the elements (relative difference 2e-4).
 
     Args:
         x: float ``[..., in]``, ``in`` a multiple of ``block_size``.

@@ -8,14 +8,20 @@ every parent run has the full lineage.
 
 A retried flow run (Prefect UI "Retry" keeps the flow-run id) reattaches to the parent run that
 carries its ``prefect.flow_run_id`` tag instead of creating a second one.
+
+While a parent run is open, a :class:`Heartbeat` thread stamps its ``quantdag.heartbeat`` tag, so
+``quantdag.reaper`` can tell a run whose process was killed (no heartbeat) from a live one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +31,19 @@ from mlflow.tracking import MlflowClient
 from quantdag.secrets import redact
 
 EXPERIMENT = "quantdag"
+HEARTBEAT_TAG = "quantdag.heartbeat"
 _MAX_PARAM = 6000
+log = logging.getLogger(__name__)
+
+
+def local_artifact_location(tracking_uri: str) -> str | None:
+    """For a SQLite tracking store, artifacts go beside the database file (``<db dir>/mlflow-artifacts``)
+    instead of MLflow's default ``./mlruns`` in whatever directory the process started in; a server
+    decides its own artifact location (None)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
+    return (database.resolve().parent / "mlflow-artifacts").as_uri()
 
 
 def flatten(prefix: str, value: Any) -> dict[str, str]:
@@ -60,7 +78,8 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+            experiment, artifact_location=local_artifact_location(tracking_uri))
 
     def parent(self, flow_run_id: str, run_name: str, tags: dict[str, str], params: dict[str, str]) -> str:
         """Create (or, for a retried flow run, reopen) the parent run; returns its id."""
@@ -73,12 +92,14 @@ class Tracker:
             run_id = existing[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
             self.client.set_tag(run_id, "quantdag.attempts", str(int(existing[0].data.tags.get("quantdag.attempts", "1")) + 1))
+            Heartbeat.start(self.client, run_id)
             return run_id
         run = self.client.create_run(
             self.experiment_id, run_name=run_name,
             tags={**tags, "prefect.flow_run_id": flow_run_id, "quantdag.role": "parent", "quantdag.attempts": "1"},
         )
         self._log(run.info.run_id, params=params)
+        Heartbeat.start(self.client, run.info.run_id)
         return run.info.run_id
 
     def child(self, parent_id: str, step: str, *, cached: bool, params: dict[str, Any] | None = None,
@@ -122,6 +143,7 @@ class Tracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         """End a run with ``FINISHED``, ``FAILED`` or ``KILLED``."""
         RunStatus.from_string(status)
+        Heartbeat.stop(run_id)
         self.client.set_terminated(run_id, status)
 
     def register(self, parent_id: str, model_name: str, source_uri: str, tags: dict[str, str]) -> str:
@@ -142,6 +164,53 @@ class Tracker:
         if self.tracking_uri.startswith("http"):
             return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
         return f"mlflow ui --backend-store-uri {self.tracking_uri}  (experiment {EXPERIMENT}, run {run_id})"
+
+
+def heartbeat_seconds() -> float:
+    """Seconds between heartbeats of an open parent run (``QUANTDAG_HEARTBEAT_SECONDS``, default 30)."""
+    return float(os.environ.get("QUANTDAG_HEARTBEAT_SECONDS", 30))
+
+
+class Heartbeat:
+    """A daemon thread that sets ``quantdag.heartbeat`` (Unix seconds) on an open run every interval.
+
+    It dies with its process, so a run killed with ``kill -9`` stops beating; a failed beat (MLflow
+    briefly unreachable) is logged and the next one is tried.
+    """
+
+    _running: dict[str, Heartbeat] = {}
+
+    def __init__(self, client: MlflowClient, run_id: str, interval: float) -> None:
+        self.client, self.run_id, self.interval = client, run_id, interval
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat_forever, name=f"mlflow-heartbeat-{run_id[:8]}", daemon=True)
+
+    @classmethod
+    def start(cls, client: MlflowClient, run_id: str) -> Heartbeat:
+        """Beat once now, then every :func:`heartbeat_seconds` until :meth:`stop`."""
+        cls.stop(run_id)
+        beat = cls(client, run_id, heartbeat_seconds())
+        beat._beat()
+        cls._running[run_id] = beat
+        beat._thread.start()
+        return beat
+
+    @classmethod
+    def stop(cls, run_id: str) -> None:
+        """Stop the heartbeat of ``run_id`` (no-op when none runs in this process)."""
+        beat = cls._running.pop(run_id, None)
+        if beat is not None:
+            beat._stopped.set()
+
+    def _beat(self) -> None:
+        self.client.set_tag(self.run_id, HEARTBEAT_TAG, str(int(time.time())))
+
+    def _beat_forever(self) -> None:
+        while not self._stopped.wait(self.interval):
+            try:
+                self._beat()
+            except Exception as err:  # noqa: BLE001 - a missed beat must not kill the run
+                log.warning("MLflow heartbeat of run %s failed: %s", self.run_id, err)
 
 
 def prefect_run_url(flow_run_id: str) -> str | None:

@@ -1,9 +1,10 @@
 """Rules an exported NVFP4 checkpoint must pass before it is registered (run by tasks/audit.py).
 
 A rule is a function ``(AuditInputs) -> list[Issue]``; an empty list means the rule passed. Rules
-read the checkpoints through :class:`Checkpoint`, which lists tensors from the safetensors headers
-(name, dtype tag, shape) and loads values one tensor at a time, so a 27B export is never held in
-memory. Only the values that a rule must inspect are read: NVFP4 scales and the ``mtp.*`` tensors.
+read both checkpoints through ``tasks.audit.Checkpoint``: shapes and dtypes from the safetensors
+headers, values one tensor at a time and only where needed (NVFP4 scales, ``mtp.*`` tensors), so
+a 27B export is never held in memory. A missing or malformed file raises
+``tasks.audit.CheckpointFileError``, which the runner records as the rule's finding.
 
 Vocabulary used by every rule:
 
@@ -17,24 +18,19 @@ Vocabulary used by every rule:
 from __future__ import annotations
 
 import fnmatch
-import json
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass
-from functools import cached_property
-from pathlib import Path
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+if TYPE_CHECKING:
+    from tasks.audit import AuditInputs, Checkpoint, TensorInfo
+
 QUANT_CONFIG_FILE = "hf_quant_config.json"
 GLOBAL_SCALES = ("weight_scale_2", "input_scale")
 SCALE_LEAVES = ("weight_scale", *GLOBAL_SCALES)
-BLOCK = 16  # NVFP4: one E4M3 scale per 16 E2M1 elements along the input (reduction) dimension
+BLOCK = 16  # NVFP4: one E4M3 scale per 16 E2M1 elements along the input (reduction) dim
 
 # Modules that vLLM loads into one fused weight (its ``packed_modules_mapping``): fused name ->
 # the checkpoint leaves it is built from. One engine-side weight has ONE ``weight_scale_2`` and
@@ -52,130 +48,11 @@ _FUSED_OF_LEAF = {leaf: fused for fused, leaves in FUSED_GROUPS.items() for leaf
 KV_TENSOR_SUFFIXES = (".k_scale", ".v_scale", ".k_bias", ".v_bias")
 
 
-class CheckpointFileError(ValueError):
-    """A checkpoint file is missing, unreadable or malformed.
-
-    Attributes:
-        path: the offending file, prefixed with the checkpoint's label (``export:config.json``).
-    """
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
-
-
-class TensorInfo(NamedTuple):
-    """Header metadata of one stored tensor: shard file, safetensors dtype tag, shape."""
-
-    file: str
-    dtype: str  # "U8", "F8_E4M3", "F32", "BF16", ...
-    shape: tuple[int, ...]
-
-
 class Issue(NamedTuple):
     """One failure a rule found: the module (or tensor, or file) and what is wrong with it."""
 
     module: str
     message: str
-
-
-class Checkpoint:
-    """Read-only view of a Hugging Face checkpoint directory, sharded or not.
-
-    Args:
-        root: local directory holding ``config.json`` and ``model.safetensors`` or
-            ``model.safetensors.index.json`` plus its shards.
-        label: ``"export"`` or ``"base"``; prefixes file names in errors.
-    """
-
-    def __init__(self, root: Path, label: str) -> None:
-        self.root = root
-        self.label = label
-        self._json: dict[str, dict[str, Any]] = {}
-
-    def error(self, name: str, message: str) -> CheckpointFileError:
-        """Build the error for file ``name`` of this checkpoint."""
-        return CheckpointFileError(f"{self.label}:{name}", message)
-
-    def json(self, name: str) -> dict[str, Any]:
-        """Parsed JSON object file ``name``; raises :class:`CheckpointFileError` if absent or bad."""
-        if name not in self._json:
-            try:
-                data = json.loads((self.root / name).read_text())
-            except FileNotFoundError as err:
-                raise self.error(name, "file is missing") from err
-            except (OSError, ValueError) as err:
-                raise self.error(name, f"unreadable JSON ({err})") from err
-            if not isinstance(data, dict):
-                raise self.error(name, "is not a JSON object")
-            self._json[name] = data
-        return self._json[name]
-
-    def _names_by_file(self) -> dict[str, list[str] | None]:
-        """Shard file -> tensor names it must hold (None: whatever the single file holds)."""
-        if (self.root / INDEX_FILE).is_file():
-            weight_map = self.json(INDEX_FILE).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise self.error(INDEX_FILE, "has no weight_map")
-            by_file: dict[str, list[str] | None] = {}
-            for name, file in weight_map.items():
-                by_file.setdefault(file, []).append(name)  # type: ignore[union-attr]
-            return by_file
-        if (self.root / SINGLE_FILE).is_file():
-            return {SINGLE_FILE: None}
-        raise self.error(SINGLE_FILE, f"neither {SINGLE_FILE} nor {INDEX_FILE} exists")
-
-    def _open(self, file: str) -> Any:
-        try:
-            return safe_open(str(self.root / file), framework="pt")
-        except (OSError, SafetensorError) as err:
-            raise self.error(file, f"cannot open safetensors file ({err})") from err
-
-    @cached_property
-    def tensors(self) -> dict[str, TensorInfo]:
-        """Every tensor's :class:`TensorInfo`, from the headers only (no tensor data is read)."""
-        tensors: dict[str, TensorInfo] = {}
-        for file, wanted in self._names_by_file().items():
-            with self._open(file) as handle:
-                stored = set(handle.keys())
-                missing = sorted(set(wanted or ()) - stored)
-                if missing:
-                    raise self.error(file, f"lacks {len(missing)} indexed tensors, e.g. {missing[:3]}")
-                for name in wanted if wanted is not None else sorted(stored):
-                    piece = handle.get_slice(name)
-                    tensors[name] = TensorInfo(file, piece.get_dtype(), tuple(piece.get_shape()))
-        return tensors
-
-    @cached_property
-    def modules(self) -> dict[str, dict[str, TensorInfo]]:
-        """Tensors grouped by module: ``{module: {leaf: TensorInfo}}`` (leaf: ``weight``, ...)."""
-        grouped: dict[str, dict[str, TensorInfo]] = defaultdict(dict)
-        for name, info in self.tensors.items():
-            module, _, leaf = name.rpartition(".")
-            grouped[module][leaf] = info
-        return dict(grouped)
-
-    def read(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(name, tensor)`` in the given order, loading one tensor at a time."""
-        with ExitStack() as stack:
-            handles: dict[str, Any] = {}
-            for name in names:
-                file = self.tensors[name].file
-                if file not in handles:
-                    handles[file] = stack.enter_context(self._open(file))
-                yield name, handles[file].get_tensor(name)
-
-
-@dataclass(frozen=True)
-class AuditInputs:
-    """What every rule receives: the export, its BF16 base, and the caller's VLM override.
-
-    ``base`` is None when the base has no safetensors (a GGUF file): no ``mtp.*`` to compare.
-    """
-
-    export: Checkpoint
-    base: Checkpoint | None
-    is_vlm: bool | None
 
 
 def is_linear_weight(name: str, info: TensorInfo) -> bool:
@@ -229,13 +106,12 @@ def _layout_problems(
     else:
         return [*problems, f"weight is {_shape(weight)}, expected U8 [out, in/2]"]
     if in_features % BLOCK:
-        problems.append(f"in_features {in_features} is not a multiple of the {BLOCK}-element block")
-    if (weight.dtype, weight.shape) != ("U8", (out_features, in_features // 2)):
-        problems.append(f"weight is {_shape(weight)}, expected U8{[out_features, in_features // 2]}")
-    if (scale.dtype, scale.shape) != ("F8_E4M3", (out_features, in_features // BLOCK)):
-        problems.append(
-            f"weight_scale is {_shape(scale)}, expected F8_E4M3{[out_features, in_features // BLOCK]}"
-        )
+        problems.append(f"in_features {in_features} is not a multiple of {BLOCK}")
+    packed, blocks = [out_features, in_features // 2], [out_features, in_features // BLOCK]
+    if (weight.dtype, list(weight.shape)) != ("U8", packed):
+        problems.append(f"weight is {_shape(weight)}, expected U8{packed}")
+    if (scale.dtype, list(scale.shape)) != ("F8_E4M3", blocks):
+        problems.append(f"weight_scale is {_shape(scale)}, expected F8_E4M3{blocks}")
     for leaf in GLOBAL_SCALES:
         info = params.get(leaf)
         if info is not None and (info.dtype != "F32" or info.shape not in ((), (1,))):
@@ -305,13 +181,13 @@ def check_exclusions(inputs: AuditInputs) -> list[Issue]:
         pattern = matching_pattern(module, patterns)
         scales = [leaf for leaf in SCALE_LEAVES if leaf in params]
         if scales and pattern is not None:
-            issues.append(Issue(module, f"matches exclude pattern {pattern!r} but carries {scales}"))
+            issues.append(Issue(module, f"matches exclude pattern {pattern!r}, carries {scales}"))
         weight = params.get("weight")
-        if weight is not None and not scales and pattern is None:
-            if is_linear_weight(f"{module}.weight", weight):
-                issues.append(Issue(module, (
-                    f"unquantized linear weight {_shape(weight)} matches no exclude pattern"
-                )))
+        if weight is None or scales or pattern is not None:
+            continue
+        if is_linear_weight(f"{module}.weight", weight):
+            message = f"unquantized linear weight {_shape(weight)} matches no exclude pattern"
+            issues.append(Issue(module, message))
     return issues
 
 
@@ -374,7 +250,7 @@ def check_mtp_preserved(inputs: AuditInputs) -> list[Issue]:
         want_b, got_b = _as_bytes(want_tensor), _as_bytes(got_tensor)
         if not torch.equal(want_b, got_b):
             differing = int((want_b != got_b).sum())
-            issues.append(Issue(name, f"{differing} of {want_b.numel()} bytes differ from the base"))
+            issues.append(Issue(name, f"{differing} of {want_b.numel()} bytes differ from base"))
     return issues
 
 
@@ -414,12 +290,14 @@ def check_loadable(inputs: AuditInputs) -> list[Issue]:
         if not getattr(tokenizer, "chat_template", None):
             issues.append(Issue("chat_template", "the tokenizer has no chat template"))
         else:
+            conversation = [{"role": "user", "content": "hello"}]
             try:
                 tokenizer.apply_chat_template(
-                    [{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True
+                    conversation, tokenize=False, add_generation_prompt=True
                 )
-            except Exception as err:  # noqa: BLE001 - a template that does not render is the finding
-                issues.append(Issue("chat_template", f"does not render: {type(err).__name__}: {err}"))
+            except Exception as err:  # noqa: BLE001 - a template that fails to render is a finding
+                message = f"does not render: {type(err).__name__}: {err}"
+                issues.append(Issue("chat_template", message))
     return issues
 
 
@@ -435,9 +313,9 @@ def check_kv_cache(inputs: AuditInputs) -> list[Issue]:
     export = inputs.export
     section = quantization_section(export)
     issues: list[Issue] = []
-    for key, want in (("quant_algo", "NVFP4"), ("group_size", BLOCK), ("kv_cache_quant_algo", "FP8")):
-        if section.get(key) != want:
-            got = section.get(key)
+    expected = {"quant_algo": "NVFP4", "group_size": BLOCK, "kv_cache_quant_algo": "FP8"}
+    for key, want in expected.items():
+        if (got := section.get(key)) != want:
             issues.append(Issue(QUANT_CONFIG_FILE, f"quantization.{key} is {got!r}, not {want!r}"))
     mirror = export.json("config.json").get("quantization_config")
     mirror = mirror if isinstance(mirror, dict) else {}

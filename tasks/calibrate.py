@@ -45,8 +45,9 @@ def _downscale(image: Any, max_pixels: int) -> Any:
     return image.resize((max(16, int(width * ratio)), max(16, int(height * ratio))))
 
 
-def _processor_inputs(processor: Any, root: Path, row: dict[str, Any], source: ImageTextSource) -> dict[str, torch.Tensor]:
-    """Processor outputs for one row: input_ids [1, T], pixel_values [P, C*t*p*p], image_grid_thw [N, 3]."""
+def chat_messages(root: Path, row: dict[str, Any], max_image_pixels: int) -> tuple[list[dict[str, Any]], list[Any]]:
+    """A stored row as processor chat messages (image parts as ``{"type": "image"}``) and its
+    RGB PIL images in order, each downscaled to at most ``max_image_pixels`` pixels."""
     from PIL import Image
 
     images, messages = [], []
@@ -58,11 +59,17 @@ def _processor_inputs(processor: Any, root: Path, row: dict[str, Any], source: I
         for part in content:
             if part.get("type") == "image":
                 with Image.open(root / part["image"]) as image:
-                    images.append(_downscale(image.convert("RGB"), source.max_image_pixels))
+                    images.append(_downscale(image.convert("RGB"), max_image_pixels))
                 parts.append({"type": "image"})
             else:
                 parts.append(part)
         messages.append({"role": message["role"], "content": parts})
+    return messages, images
+
+
+def _processor_inputs(processor: Any, root: Path, row: dict[str, Any], source: ImageTextSource) -> dict[str, torch.Tensor]:
+    """Processor outputs for one row: input_ids [1, T], pixel_values [P, C*t*p*p], image_grid_thw [N, 3]."""
+    messages, images = chat_messages(root, row, source.max_image_pixels)
     text = processor.apply_chat_template(messages, tokenize=False)
     inputs = processor(text=[text], images=images or None, return_tensors="pt")
     return _cut_text(dict(inputs), processor, source.max_text_tokens)
@@ -163,7 +170,8 @@ def _check_vision(stats: dict[str, float]) -> None:
 
 
 def calibrate(kind: str, base: BaseRef, rows_ref: ArtifactRef, recipe: RecipeSpec,
-              source: ImageTextSource | TextSource, store: ArtifactStore, device: str = "auto") -> ArtifactRef:
+              source: ImageTextSource | TextSource, store: ArtifactStore, device: str = "auto",
+              shard: int = 0, num_shards: int = 1) -> ArtifactRef:
     """Calibrate the base on one rows artifact and store the quantizer state.
 
     Args:
@@ -174,6 +182,8 @@ def calibrate(kind: str, base: BaseRef, rows_ref: ArtifactRef, recipe: RecipeSpe
         source: the calibration source settings (sequence length, image size cap).
         store: where the state goes.
         device: ``auto``, ``cpu`` or ``cuda``.
+        shard, num_shards: calibrate on rows ``shard::num_shards`` only; the max-merge of all
+            shards' states equals one pass over every row, bit for bit (each row runs alone).
 
     Returns:
         A ``quantizer-state`` artifact (``quantizer_state.pt`` + ``metrics.json``); ``meta`` holds
@@ -181,17 +191,26 @@ def calibrate(kind: str, base: BaseRef, rows_ref: ArtifactRef, recipe: RecipeSpe
         and for image_text the vision-tower counts.
 
     Raises:
-        ValueError: unknown ``kind``, or enabled input quantizers ended without a usable amax
-            (each module named).
+        ValueError: unknown ``kind``; a shard outside ``range(num_shards)`` or with no rows; or
+            enabled input quantizers ended without a usable amax (each module named).
         RuntimeError: image_text calibration did not run the vision tower.
     """
     if kind not in CALIBRATORS:
         raise ValueError(f"calibration kind {kind!r}: expected one of {sorted(CALIBRATORS)}")
     torch_device = modeling.pick_device(device)
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is outside range(num_shards={num_shards})")
     rows_dir, rows = read_rows(store, rows_ref)
+    rows = rows[shard::num_shards]
+    if not rows:
+        raise ValueError(f"{kind} shard {shard} of {num_shards} has no rows: lower {kind}.shards below num_samples")
     stats: dict[str, float] = {"rows": 0, "tokens": 0, "image_tokens": 0, "vision_forward_calls": 0, "vision_embeddings": 0}
     loop = CALIBRATORS[kind](base, rows_dir, rows, source, torch_device, stats)
+    # CPUs have no fast BF16 matmul: there the BF16 weights are upcast (exactly) and activations
+    # run in float32, so input amax carry no BF16 rounding; on CUDA the model runs in BF16.
     loaded = modeling.load_model(base, torch_device)
+    if torch_device.type == "cpu":
+        loaded.model.float()
     import modelopt.torch.quantization as mtq
 
     start = time.perf_counter()
@@ -215,7 +234,7 @@ def calibrate(kind: str, base: BaseRef, rows_ref: ArtifactRef, recipe: RecipeSpe
         out = Path(tmp)
         save_state(state, out)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        return store.put_dir(out, STATE_KIND, {"kind": kind, **metrics})
+        return store.put_dir(out, STATE_KIND, {"kind": kind, "shard": shard, "num_shards": num_shards, **metrics})
 
 
 CALIBRATORS: dict[str, Callable[..., ForwardLoop]] = {
@@ -226,13 +245,15 @@ CALIBRATORS: dict[str, Callable[..., ForwardLoop]] = {
 
 @quantdag_task("calibrate_image_text")
 def calibrate_image_text_task(base: BaseRef, rows: ArtifactRef, recipe: RecipeSpec, source: ImageTextSource,
-                              artifact_store: str, device: str, code_version: str) -> ArtifactRef:
+                              artifact_store: str, device: str, code_version: str, shard: int = 0,
+                              num_shards: int = 1) -> ArtifactRef:
     """Prefect wrapper of :func:`calibrate` for image-text rows through the full VLM."""
-    return calibrate("image_text", base, rows, recipe, source, ArtifactStore(artifact_store), device)
+    return calibrate("image_text", base, rows, recipe, source, ArtifactStore(artifact_store), device, shard, num_shards)
 
 
 @quantdag_task("calibrate_text")
 def calibrate_text_task(base: BaseRef, rows: ArtifactRef, recipe: RecipeSpec, source: TextSource,
-                        artifact_store: str, device: str, code_version: str) -> ArtifactRef:
+                        artifact_store: str, device: str, code_version: str, shard: int = 0,
+                        num_shards: int = 1) -> ArtifactRef:
     """Prefect wrapper of :func:`calibrate` for text rows through the language model."""
-    return calibrate("text", base, rows, recipe, source, ArtifactStore(artifact_store), device)
+    return calibrate("text", base, rows, recipe, source, ArtifactStore(artifact_store), device, shard, num_shards)

@@ -73,8 +73,11 @@ def _extract_images(fs: Any, media_dir: str, wanted: set[str], dest: Path) -> se
     return found
 
 
-def fetch_image_text(source: ImageTextSource, store: ArtifactStore) -> ArtifactRef:
+def fetch_image_text(source: ImageTextSource, store: ArtifactStore, exclude: ArtifactRef | None = None) -> ArtifactRef:
     """Sample ``source.num_samples`` image-text rows, split evenly across ``source.subsets``.
+
+    ``exclude`` (an earlier ``image-text-rows`` artifact) removes its rows from the candidates,
+    so a held-out evaluation sample never shares a row with the calibration sample.
 
     Returns:
         An ``image-text-rows`` artifact: ``rows.jsonl`` (each row plus ``subset``; image paths
@@ -91,6 +94,7 @@ def fetch_image_text(source: ImageTextSource, store: ArtifactStore) -> ArtifactR
         root, sha = _hub_dataset_root(source.repo_id, source.revision)
     fs, root_path = fsspec.core.url_to_fs(root)
     counts = _split_counts(source.num_samples, source.subsets)
+    excluded = {(row["subset"], row.get("id")) for row in read_rows(store, exclude)[1]} if exclude else set()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         selected: list[dict[str, Any]] = []
@@ -98,11 +102,12 @@ def fetch_image_text(source: ImageTextSource, store: ArtifactStore) -> ArtifactR
             jsonl = f"{root_path}/{subset}/{subset}.jsonl"
             if not fs.exists(jsonl):
                 raise ValueError(f"image_text subset {subset!r}: {root}/{subset}/{subset}.jsonl not found")
-            rows = _read_jsonl(fs, jsonl)
+            rows = [row for row in _read_jsonl(fs, jsonl) if (subset, row.get("id")) not in excluded]
             if len(rows) < share:
                 raise ValueError(
-                    f"image_text subset {subset!r} holds {len(rows)} rows, {share} needed for "
-                    f"num_samples={source.num_samples}; lower image_text.num_samples or add subsets"
+                    f"image_text subset {subset!r} holds {len(rows)} usable rows ({len(excluded)} excluded as "
+                    f"calibration rows), {share} needed for num_samples={source.num_samples}; lower "
+                    "image_text.num_samples / eval.image_text_samples or add subsets"
                 )
             picked = sorted(random.Random(f"{source.seed}:{subset}").sample(range(len(rows)), share))
             chosen = [rows[i] for i in picked]
@@ -187,9 +192,10 @@ def read_rows(store: ArtifactStore, ref: ArtifactRef) -> tuple[Path, list[dict[s
 
 
 @quantdag_task("fetch_image_text", retries=2)
-def fetch_image_text_task(source: ImageTextSource, artifact_store: str, code_version: str) -> ArtifactRef:
-    """Prefect wrapper of :func:`fetch_image_text` (cached on source, store and code version)."""
-    return fetch_image_text(source, ArtifactStore(artifact_store))
+def fetch_image_text_task(source: ImageTextSource, artifact_store: str, code_version: str,
+                          exclude: ArtifactRef | None = None) -> ArtifactRef:
+    """Prefect wrapper of :func:`fetch_image_text` (cached on source, store, exclusions and code version)."""
+    return fetch_image_text(source, ArtifactStore(artifact_store), exclude)
 
 
 @quantdag_task("fetch_text", retries=2)

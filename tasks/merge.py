@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from quantdag.plots import plot_amax_by_modality
 from quantdag.quantizer_state import STATE_FILE, amax_summary, load_state, require_valid_inputs, save_state
 from quantdag.store import ArtifactRef, ArtifactStore
 from tasks.prefect_task import quantdag_task
@@ -102,8 +103,9 @@ def merge_amax(refs: dict[str, ArtifactRef], store: ArtifactStore) -> ArtifactRe
     """Merge stored calibration states (label -> state artifact) into one stored state.
 
     Returns:
-        A ``quantizer-state`` artifact with ``quantizer_state.pt`` and ``amax_table.json``
-        (per input quantizer: each label's amax, the merged amax, which label set it).
+        A ``quantizer-state`` artifact with ``quantizer_state.pt``, ``amax_table.json`` (per input
+        quantizer: each label's amax, the merged amax, which label set it) and
+        ``amax_by_modality.png`` (that table as a per-layer plot).
 
     Raises:
         ValueError: see :func:`merge_states`; also when ``refs`` is empty.
@@ -118,6 +120,7 @@ def merge_amax(refs: dict[str, ArtifactRef], store: ArtifactStore) -> ArtifactRe
         out = Path(tmp)
         save_state(merged, out)
         (out / "amax_table.json").write_text(json.dumps(table, indent=1))
+        plot_amax_by_modality(table, labels, out / "amax_by_modality.png")
         counts = {f"set_by_{label}": sum(1 for r in table if r["source"] == label) for label in labels}
         return store.put_dir(out, MERGED_KIND, {"merged_from": labels, **counts, **amax_summary(merged)})
 

@@ -5,17 +5,27 @@ Every step is cached across flow runs on its inputs plus its source plus the cod
 RUN_ID and so never hits across runs). MLflow's ``parent_run_id`` is excluded from the key: it
 differs per run but does not change what a step computes. Results are persisted so a UI Retry of
 a failed flow run reuses finished steps.
+
+Steps run in SERIALIZABLE transactions whose locks are leases (``quantdag.locks``): two runs that
+reach the same step with the same key compute it once, and a holder killed with ``kill -9`` frees
+the step when its lease expires. A step that takes a ``device`` argument loads a model, so it
+also holds one slot of each visible GPU's global concurrency limit while it runs.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from typing import Any, Callable
 
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-CACHE_POLICY = (INPUTS - "parent_run_id") + TASK_SOURCE
+from quantdag.locks import LeaseLockManager, gpu_slots
+
+CACHE_POLICY = ((INPUTS - "parent_run_id") + TASK_SOURCE).configure(
+    lock_manager=LeaseLockManager(), isolation_level="SERIALIZABLE")
 
 _TRANSIENT_MARKERS = ("429", "500", "502", "503", "504", "SlowDown", "Throttl", "timed out", "Connection reset")
 
@@ -44,7 +54,7 @@ def quantdag_task(name: str, *, retries: int = 0, **kwargs: Any) -> Callable[[Ca
             ``QUANTDAG_TASK_RETRIES=0`` to disable them (tests do).
     """
     retries = int(os.environ.get("QUANTDAG_TASK_RETRIES", retries))
-    return task(
+    decorate = task(
         name=name,
         cache_policy=CACHE_POLICY,
         persist_result=True,
@@ -53,3 +63,18 @@ def quantdag_task(name: str, *, retries: int = 0, **kwargs: Any) -> Callable[[Ca
         retry_condition_fn=retry_transient if retries else None,
         **kwargs,
     )
+    return lambda fn: decorate(_on_gpu(fn) if "device" in inspect.signature(fn).parameters else fn)
+
+
+def _on_gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run while holding this process's GPU slots (see :func:`quantdag.locks.gpu_slots`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from prefect.context import TaskRunContext
+
+        context = TaskRunContext.get()
+        with gpu_slots(str(context.task_run.id) if context else None):
+            return fn(*args, **kwargs)
+
+    return wrapper

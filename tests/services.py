@@ -94,3 +94,29 @@ def start_mlflow(log_dir: Path, home: Path, artifacts_destination: str, s3_endpo
     argv = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
             "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", artifacts_destination]
     return start("mlflow", argv, f"{url}/health", url, log_dir, env)
+
+
+def start_worker(log_dir: Path, pool: str, name: str, env: dict[str, str] | None = None,
+                 timeout: float = 60.0) -> Service:
+    """Start ``prefect worker start --pool POOL --type process`` in its own process group.
+
+    Ready when the worker has registered with the API (its log says it started). ``env`` is added
+    to this process's environment (``PREFECT_API_URL`` must be in one of them). Flow runs it
+    starts live in sessions of their own (Prefect isolates them), so stopping the worker's group
+    does not stop them.
+    """
+    log = log_dir / f"worker-{name}.log"
+    handle = open(log, "w")
+    argv = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name]
+    process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                               start_new_session=True)
+    service = Service(f"worker-{name}", "", process, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"worker {name} exited with {process.returncode}; log:\n{log.read_text()[-3000:]}")
+        if "started!" in log.read_text():
+            return service
+        time.sleep(0.3)
+    service.stop()
+    raise RuntimeError(f"worker {name} not ready after {timeout:.0f} s; log:\n{log.read_text()[-3000:]}")

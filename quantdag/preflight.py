@@ -1,0 +1,139 @@
+"""Preflight: check every remote endpoint a run depends on before any model is loaded.
+
+A quantize run writes artifacts (local or S3), Prefect results and leases (Prefect's default
+result storage) and MLflow records. If one of them is unreachable the run would fail only after
+minutes of model loading, with a botocore or urllib3 traceback that names no endpoint. The
+preflight step probes each of them with short timeouts and no retries, and raises ONE error that
+names every unreachable endpoint and where its address came from.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from conf.schema import Profile
+from quantdag.secrets import redact
+
+TIMEOUT_SECONDS = 5.0
+
+
+class PreflightError(ConnectionError):
+    """An endpoint the run needs is unreachable; the message names each one."""
+
+
+def s3_endpoint() -> str:
+    """The S3 endpoint s3fs/botocore will use, and which variable set it."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(name):
+            return f"{os.environ[name]} (from {name})"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return f"https://s3.{region}.amazonaws.com (AWS default; set AWS_ENDPOINT_URL for MinIO/Ceph)"
+
+
+def check_s3(url: str, what: str) -> None:
+    """HEAD the bucket of ``url`` (``s3://bucket/...``) with one attempt and short timeouts.
+
+    Raises:
+        PreflightError: the endpoint does not answer, or the bucket is missing or forbidden.
+    """
+    import s3fs
+
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, config_kwargs={
+        "connect_timeout": TIMEOUT_SECONDS, "read_timeout": TIMEOUT_SECONDS, "retries": {"max_attempts": 1}})
+    fs.retries = 1  # s3fs's own retry loop (class default 5, with backoff)
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except Exception as err:  # noqa: BLE001 - any failure means the run cannot write there
+        raise PreflightError(f"{what} {url}: S3 bucket {bucket!r} not reachable or usable at {s3_endpoint()}: "
+                             f"{type(err).__name__}: {err}") from err
+
+
+def check_local(path: str, what: str) -> None:
+    """Check that a local directory exists or can be created and is writable.
+
+    Raises:
+        PreflightError: it cannot be created or written.
+    """
+    directory = Path(path).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK):
+            raise PermissionError(f"{directory} is not writable")
+    except OSError as err:
+        raise PreflightError(f"{what} {path}: {err}") from err
+
+
+def check_store(url: str, what: str) -> None:
+    """Check an artifact or result location: ``s3://`` buckets are probed, local paths created."""
+    if url.startswith(("s3://", "s3a://")):
+        check_s3(url, what)
+    elif "://" not in url or url.startswith("file://"):
+        check_local(url.removeprefix("file://"), what)
+
+
+def check_tracking(uri: str) -> None:
+    """GET ``<uri>/health`` of an http(s) MLflow server; check a SQLite file's directory.
+
+    Raises:
+        PreflightError: the server does not answer 200 within the timeout.
+    """
+    if uri.startswith("sqlite:///"):
+        check_local(str(Path(uri.removeprefix("sqlite:///")).parent), "MLflow SQLite store directory")
+        return
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = f"{uri.rstrip('/')}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response:
+            if response.status != 200:
+                raise urllib.error.HTTPError(url, response.status, "unhealthy", response.headers, None)
+    except (OSError, urllib.error.URLError) as err:
+        raise PreflightError(f"MLflow tracking server {uri} unreachable ({url}): {type(err).__name__}: {err}") from err
+
+
+def result_storage_location() -> str | None:
+    """Basepath of Prefect's default result storage (where task results and leases live), if any."""
+    from prefect.results import get_default_result_storage
+
+    storage = get_default_result_storage(_sync=True)
+    basepath = getattr(storage, "basepath", None)
+    return str(basepath) if basepath else None
+
+
+def preflight(profile: Profile) -> dict[str, Any]:
+    """Probe the artifact store, MLflow and Prefect's result storage; fail naming every bad endpoint.
+
+    Returns:
+        What was checked: ``artifact_store``, ``tracking_uri``, ``result_storage``, ``s3_endpoint``.
+
+    Raises:
+        PreflightError: one or more endpoints are unreachable (one line each).
+    """
+    results = result_storage_location()
+    checks = [(check_store, profile.artifact_store, "artifact store"), (check_tracking, profile.tracking_uri, None)]
+    if results:
+        checks.append((check_store, results, "Prefect result storage"))
+    failures = []
+    for check, target, what in checks:
+        try:
+            check(target, what) if what else check(target)
+        except PreflightError as err:
+            failures.append(str(err))
+    if failures:
+        raise PreflightError(redact("preflight failed before loading any model:\n  " + "\n  ".join(failures)))
+    return {"artifact_store": profile.artifact_store, "tracking_uri": redact(profile.tracking_uri),
+            "result_storage": results, "s3_endpoint": s3_endpoint()}
+
+
+@task(name="preflight", cache_policy=NO_CACHE, retries=0)
+def preflight_task(profile: Profile) -> dict[str, Any]:
+    """Prefect wrapper of :func:`preflight` (never cached, never retried)."""
+    return preflight(profile)
