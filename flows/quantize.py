@@ -5,7 +5,9 @@
     fetch_text -------> calibrate_text --------+
 
 Every step is a cached Prefect task keyed on its inputs + source + code version; the two
-calibration branches run concurrently. A text-only base skips the image-text branch. Before any
+calibration branches run concurrently; when no branch is sharded they run as one
+``calibrate_branches`` task on one model load (``tasks/calibrate_shared.py``), one state per
+branch. A text-only base skips the image-text branch. Before any
 model loads, ``preflight`` probes S3 and MLflow and ``reap_stale_runs`` ends the MLflow runs of
 killed flow runs; the hooks end this run's MLflow runs when it fails, crashes or is cancelled.
 """
@@ -17,6 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from conf.schema import Profile
 from flows.lineage import Lineage
@@ -27,6 +30,7 @@ from quantdag.store import ArtifactStore
 from quantdag.version import code_version
 from tasks.audit import audit_task
 from tasks.calibrate import calibrate_image_text_task, calibrate_text_task
+from tasks.calibrate_shared import calibrate_branches_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.fetch import fetch_image_text_task, fetch_text_task
@@ -34,7 +38,7 @@ from tasks.merge import merge_amax_task
 from tasks.resolve import resolve_base_task
 
 
-@flow(name="quantize", flow_run_name="quantize-{profile.name}", log_prints=True,
+@flow(name="quantize", flow_run_name="quantize-{profile.name}", log_prints=True, task_runner=ProcessPoolTaskRunner(),
       on_failure=[end_tracking_hook], on_crashed=[end_tracking_hook], on_cancellation=[end_tracking_hook])
 def quantize(profile: Profile, revision: str | int | float | None = None) -> dict[str, Any]:
     """Quantize ``profile.base`` with ``profile.recipe``; returns the checkpoint URI, MLflow ids, metrics.
@@ -51,13 +55,12 @@ def quantize(profile: Profile, revision: str | int | float | None = None) -> dic
     futures: dict[str, Any] = {"fetch_text": fetch_text_task.submit(profile.text, store, cv)}
     if base.is_vlm and profile.image_text is not None:
         futures["fetch_image_text"] = fetch_image_text_task.submit(profile.image_text, store, cv)
-        futures |= _calibration(calibrate_image_text_task, "image_text", base, futures["fetch_image_text"],
-                                profile.image_text, profile, cv)
     else:
         logger.info("base %s is text-only (or image_text is null): skipping the image-text branch", base.model_type)
-    futures |= _calibration(calibrate_text_task, "text", base, futures["fetch_text"], profile.text, profile, cv)
+    futures |= _calibrations(base, futures, profile, cv)
     try:
-        states = {k.removeprefix("calibrate_"): f for k, f in futures.items() if k.startswith("calibrate_")}
+        states = futures.get("calibrate_branches") or {
+            k.removeprefix("calibrate_"): f for k, f in futures.items() if k.startswith("calibrate_")}
         futures["merge_amax"] = merge_amax_task.submit(states, store, cv)
         futures["export"] = export_task.submit(base, futures["merge_amax"], profile.recipe, store, profile.device, cv)
         futures["audit"] = audit_task.submit(base, futures["export"], store, cv)
@@ -80,6 +83,21 @@ def quantize(profile: Profile, revision: str | int | float | None = None) -> dic
     logger.info("checkpoint: %s\nMLflow: %s", checkpoint.uri, lineage.tracker.run_url(lineage.parent_id))
     return {"checkpoint": checkpoint.model_dump(), "mlflow_run_id": lineage.parent_id, "model_version": version,
             "metrics": report.meta, "cached": cached}
+
+
+def _calibrations(base: Any, futures: dict[str, Any], profile: Profile, cv: str) -> dict[str, Any]:
+    """Submit the fetched branches: one ``calibrate_branches`` task (one model load) when none is sharded."""
+    branches = {kind: source for kind, source in (("image_text", profile.image_text), ("text", profile.text))
+                if f"fetch_{kind}" in futures}
+    if all(source.shards == 1 for source in branches.values()):
+        rows = {kind: futures[f"fetch_{kind}"] for kind in branches}
+        return {"calibrate_branches": calibrate_branches_task.submit(
+            base, rows, profile.recipe, branches, profile.artifact_store, profile.device, cv)}
+    tasks = {"image_text": calibrate_image_text_task, "text": calibrate_text_task}
+    submitted: dict[str, Any] = {}
+    for kind, source in branches.items():
+        submitted |= _calibration(tasks[kind], kind, base, futures[f"fetch_{kind}"], source, profile, cv)
+    return submitted
 
 
 def _calibration(task: Any, kind: str, base: Any, rows: Any, source: Any, profile: Profile, cv: str) -> dict[str, Any]:
@@ -111,7 +129,9 @@ def _record_steps(lineage: Lineage, futures: dict[str, Any], store: ArtifactStor
     for step, future in futures.items():
         state = future.state
         if state.is_completed():
-            cached[step] = state.name == "Cached"
-            lineage.step(step, future.result(), cached=cached[step], store=store,
-                         dataset_context=_DATASET_CONTEXT.get(step))
+            result = future.result()  # calibrate_branches: {kind: state}, logged as calibrate_<kind>
+            for name, ref in ({f"calibrate_{k}": r for k, r in result.items()} if isinstance(result, dict)
+                              else {step: result}).items():
+                cached[name] = state.name == "Cached"
+                lineage.step(name, ref, cached=cached[name], store=store, dataset_context=_DATASET_CONTEXT.get(name))
     return cached

@@ -133,7 +133,7 @@ def preflight(profile: Profile) -> dict[str, Any]:
             "result_storage": results, "s3_endpoint": s3_endpoint()}
 
 
-@task(name="preflight", cache_policy=NO_CACHE, retries=0)
+@task(name="preflight", cache_policy=NO_CACHE, retries=0, persist_result=False)
 def preflight_task(profile: Profile) -> dict[str, Any]:
     """Prefect wrapper of :func:`preflight` (never cached, never retried)."""
     return preflight(profile)

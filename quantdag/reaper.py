@@ -133,8 +133,10 @@ def end_tracking_hook(flow: Any, flow_run: Any, state: Any) -> None:
         uri = getattr(profile, "tracking_uri", None) or (profile or {}).get("tracking_uri")
         if not uri:
             return
+        from quantdag.preflight import check_tracking
         from quantdag.tracking import Heartbeat
 
+        check_tracking(uri)  # fail in seconds, not after MLflow's minutes of connection retries
         tracker = Tracker(uri)
         status = "FAILED" if state.is_failed() else "KILLED"
         runs = tracker.client.search_runs(
@@ -149,7 +151,7 @@ def end_tracking_hook(flow: Any, flow_run: Any, state: Any) -> None:
         log.warning("could not end the MLflow runs of flow run %s: %s", getattr(flow_run, "id", "?"), err)
 
 
-@task(name="reap_stale_runs", cache_policy=NO_CACHE, retries=0)
+@task(name="reap_stale_runs", cache_policy=NO_CACHE, retries=0, persist_result=False)
 def reap_stale_runs_task(tracking_uri: str, current_flow_run_id: str) -> list[dict[str, Any]]:
     """Prefect wrapper of :func:`reap_stale_runs`; returns the ended runs as dicts."""
     return [asdict(r) for r in reap_stale_runs(tracking_uri, current_flow_run_id)]

@@ -93,7 +93,10 @@ class ArtifactStore:
 
     # ----------------------------------------------------------------------------------- names
     def _uri(self, path: str) -> str:
-        return path if self.is_local else f"{self.fs.protocol[0] if isinstance(self.fs.protocol, tuple) else self.fs.protocol}://{path}"
+        if self.is_local:
+            return path
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return f"{protocol}://{path}"
 
     def _obj(self, kind: str, sha: str) -> str:
         return f"{self._root_path}/objects/{kind}/{sha}"

@@ -46,6 +46,18 @@ def task_states(flow_run_id: str, attempt: int | None = None) -> dict[str, str]:
     return {re.sub(r"-[0-9a-f]{3}$", "", run.name): run.state.name for run in runs if run.flow_run_run_count == attempt}
 
 
+def task_result(flow_run_id: str, step: str) -> Any:
+    """The persisted return value of ``step`` in the latest attempt of a flow run (read from S3)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    latest = max(run.flow_run_run_count for run in runs)
+    (run,) = [r for r in runs if r.flow_run_run_count == latest and re.sub(r"-[0-9a-f]{3}$", "", r.name) == step]
+    return run.state.result()
+
+
 def read_flow_run(flow_run_id: str) -> Any:
     from prefect.client.orchestration import get_client
 

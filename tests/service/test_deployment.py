@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import s3fs
 
-from harness import Stack, alive, cli, flow_logs, kill_groups, read_flow_run, task_states, wait_for
+from harness import Stack, alive, cli, flow_logs, kill_groups, read_flow_run, task_result, task_states, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -189,7 +189,10 @@ def test_kill_9_during_calibration_and_export_then_rerun_completes(stack: Stack)
     checkpoint = ArtifactRef(**stack.flow_result(rerun)["checkpoint"])
     assert f"{checkpoint.uri.removeprefix('s3://')}/MANIFEST.json" == info2["path"]
     ArtifactStore("s3://quantdag/artifacts", cache_dir=str(stack.home / "verify-kill")).verify(checkpoint)
-    assert fs.exists(info1["path"]), "the half-published calibration state was completed by the rerun"
+    used = task_result(str(rerun.id), "calibrate_text")  # what merge_amax of the finished run read
+    partial_store = ArtifactStore("s3://quantdag/artifacts")
+    assert used.uri != f"s3://{partial}" and partial_store.exists(used)
+    assert not fs.exists(info1["path"]), "the half-published state (timings differ, so another sha) stays unreadable"
     leftover = [p for p in fs.find("quantdag/artifacts/prefect-results/locks") if p.endswith(".lease")]
     assert not leftover, f"leases of killed holders were taken over and released: {leftover}"
 

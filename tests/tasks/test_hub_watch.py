@@ -15,19 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from conf import load_profile
 from conf.watch import PatternEntry, RepoEntry, WatchConfig, load_watch
-from tasks.hub_watch import (
-    Candidate,
-    WatchError,
-    WatchFailure,
-    already_exported,
-    derived_name,
-    failure_from,
-    hub_api,
-    hub_token,
-    run_profile,
-    scan_hub,
-    state_variable_name,
-)
+from tasks.hub_scan import Candidate, WatchError, WatchFailure, failure_from, hub_api, hub_token, scan_hub
+from tasks.hub_watch import already_exported, derived_name, run_profile, state_variable_name
 
 PROFILE = "qwen3.6-27b-nvfp4"
 
