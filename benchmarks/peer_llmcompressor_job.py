@@ -37,7 +37,6 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--calibration", required=True, type=Path, help="JSON list of token-id lists")
     parser.add_argument("--output", required=True, type=Path, help="directory for the compressed checkpoint")
     parser.add_argument("--report", required=True, type=Path, help="JSON file for timings and versions")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     return parser.parse_args()
 
 
@@ -64,8 +63,6 @@ def main() -> None:
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)

@@ -10,8 +10,10 @@ tokenizer and cut to 512 tokens, the same token ids for all three methods.
    one model load per step).
 2. **plain ModelOpt**: one script, one model load: ``mtq.quantize`` with the same config
    (``quantdag.recipe.build_quant_config``) and a forward loop over the same ids through the
-   decoder, then ``export_hf_checkpoint``. Expected to equal 1 up to float rounding; the max
-   absolute differences of ``input_scale`` and ``weight_scale_2`` are reported.
+   decoder, then ``export_hf_checkpoint``. Run twice: calibrating in float32, as quantdag's
+   ``calibrate`` does on a CPU (expected to equal 1; the max absolute differences of
+   ``input_scale`` and ``weight_scale_2`` are reported), and in BF16, as a script that never
+   upcasts does and as llm-compressor does with a BF16 model.
 3. **llm-compressor**: ``oneshot`` with ``QuantizationModifier(targets="Linear", scheme="NVFP4",
    ignore=["lm_head"])`` in a separate virtual environment (llm-compressor 0.14 needs
    transformers >= 5.15 and torch <= 2.14.0; the project pins transformers < 5.15 and torch
@@ -23,7 +25,8 @@ Every checkpoint is then read by ``quantdag.reader`` (E2M1 weights, E4M3 block s
 dynamic activation scales relative to ``input_scale``) and compared with the BF16 model on
 WikiText-2 windows by ``tasks.evaluate`` (``eval_windows``, ``compare_logits``, ``summarise``),
 float32 on the CPU. The profile's recipe also has an FP8 KV cache (``fp8_cast``); llm-compressor's
-NVFP4 scheme has none, so the quantdag export is also evaluated with K/V unquantized.
+NVFP4 scheme has none, so the quantdag export is also evaluated with K/V unquantized, and the
+BF16-calibrated ModelOpt export only that way. Everything runs on the CPU (``device="cpu"``).
 
 Usage, from the repository root (reads ``../shared/data``; exits when it is absent)::
 
@@ -71,6 +74,8 @@ class Method:
         quantize_seconds: wall time to produce the export (None for BF16).
         error: why the method has no numbers, or None.
         metrics: filled by :func:`evaluate_methods`.
+        same_files_as: name of an earlier method whose export has byte-identical safetensors and
+            the same KV setting; its metrics were copied rather than computed again.
     """
 
     name: str
@@ -79,6 +84,7 @@ class Method:
     quantize_seconds: float | None = None
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    same_files_as: str | None = None
 
 
 def calibration_ids(tokenizer: Any, rows: list[dict[str, Any]], text_field: str, seq_len: int) -> list[torch.Tensor]:
@@ -87,7 +93,7 @@ def calibration_ids(tokenizer: Any, rows: list[dict[str, Any]], text_field: str,
 
 
 def run_quantdag(profile: Any, base: Any, store: Any) -> tuple[Path, float, Any]:
-    """Steps 1: fetch -> calibrate -> merge -> export with the project's functions; (export dir, seconds, rows ref)."""
+    """Step 1: fetch -> calibrate -> merge -> export with the project's functions on the CPU; (export dir, seconds, rows ref)."""
     from tasks.calibrate import calibrate
     from tasks.export import export_checkpoint
     from tasks.fetch import fetch_text
@@ -95,14 +101,21 @@ def run_quantdag(profile: Any, base: Any, store: Any) -> tuple[Path, float, Any]
 
     start = time.perf_counter()
     rows = fetch_text(profile.text, store)
-    state = calibrate("text", base, rows, profile.recipe, profile.text, store, device=profile.device)
+    state = calibrate("text", base, rows, profile.recipe, profile.text, store, device="cpu")
     merged = merge_amax({"text": state}, store)
-    checkpoint = export_checkpoint(base, merged, profile.recipe, store, device=profile.device)
+    checkpoint = export_checkpoint(base, merged, profile.recipe, store, device="cpu")
     return store.local_dir(checkpoint), time.perf_counter() - start, rows
 
 
-def run_plain_modelopt(profile: Any, base: Any, ids: list[torch.Tensor], out: Path) -> float:
-    """Step 2: the same ModelOpt calls in one plain script (one model load); returns seconds."""
+def run_plain_modelopt(profile: Any, base: Any, ids: list[torch.Tensor], out: Path, calibration_dtype: torch.dtype) -> float:
+    """Step 2: the same ModelOpt calls in one plain script (one model load); returns seconds.
+
+    Args:
+        calibration_dtype: the dtype the model calibrates in. ``float32`` mirrors quantdag's
+            ``calibrate`` on a CPU (BF16 weights upcast exactly, activations in float32);
+            ``bfloat16`` is what a script that never upcasts does (and what llm-compressor does
+            with a BF16 model), so input amax are maxima of BF16 activations.
+    """
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,6 +125,7 @@ def run_plain_modelopt(profile: Any, base: Any, ids: list[torch.Tensor], out: Pa
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(base.source_dir, gguf_file=base.gguf_file, dtype=torch.bfloat16).eval()
     model.config.architectures = [type(model).__name__]  # empty for GGUF; the export needs it
+    model.to(calibration_dtype)
 
     def forward_loop(quantized: torch.nn.Module) -> None:
         with torch.no_grad():
@@ -227,15 +241,26 @@ def evaluate_methods(base: Any, spec: Any, methods: list[Method]) -> dict[str, f
     """Fill each method's ``metrics`` on the same windows; returns the BF16 metrics.
 
     Every window goes through the float32 BF16-base model once and through each export (read by
-    ``quantdag.reader``, float32) once; ``eval_seconds`` is each model's own forward time.
+    ``quantdag.reader``, float32) once; ``eval_seconds`` is each model's own forward time. An
+    export whose safetensors are byte-identical to an earlier method's (same KV setting) is not
+    run again: its metrics are copied and ``same_files_as`` names the method.
     """
     from quantdag import modeling
     from quantdag.reader import load_nvfp4_model
+    from quantdag.store import file_sha256
     from tasks.evaluate import compare_logits, eval_windows, load_eval_text, summarise
 
     windows = eval_windows(load_eval_text(spec), modeling.load_tokenizer(base), spec)
     reference = modeling.load_model(base, torch.device("cpu"), dtype=torch.float32).model
-    runnable = [m for m in methods if m.export_dir is not None and m.error is None]
+    runnable: list[Method] = []
+    first_with: dict[Any, Method] = {}
+    for method in (m for m in methods if m.export_dir is not None and m.error is None):
+        key = (tuple(file_sha256(p) for p in sorted(method.export_dir.glob("*.safetensors"))), method.fake_quant_kv)
+        if key in first_with:
+            method.same_files_as = first_with[key].name
+        else:
+            first_with[key] = method
+            runnable.append(method)
     models = {m.name: load_nvfp4_model(m.export_dir, dtype=torch.float32, fake_quant_kv=m.fake_quant_kv).model.eval()
               for m in runnable}
     keys = ("nll_ref", "nll_cand", "kl", "agree", "tokens")
@@ -256,6 +281,9 @@ def evaluate_methods(base: Any, spec: Any, methods: list[Method]) -> dict[str, f
             print(f"eval window {i + 1}/{windows.shape[0]}", file=sys.stderr, flush=True)
     for method in runnable:
         method.metrics = summarise(totals[method.name]) | {"eval_seconds": seconds[method.name]}
+    for method in methods:
+        if method.same_files_as is not None:
+            method.metrics = dict(next(m for m in runnable if m.name == method.same_files_as).metrics)
     any_totals = next(iter(totals.values()), None)
     bf16 = {"eval_windows": float(windows.shape[0]), "seq_len": float(spec.seq_len), "eval_seconds": seconds["bf16"]}
     if any_totals:
@@ -274,8 +302,9 @@ def table(methods: list[Method], bf16: dict[str, float]) -> str:
             continue
         x = m.metrics
         delta = 100.0 * (x["perplexity_ratio"] - 1.0)
+        eval_s = f"{x['eval_seconds']:.0f}" if m.same_files_as is None else f"files = {m.same_files_as.split(' (')[0]}"
         lines.append(f"| {m.name} | {x['perplexity_nvfp4']:.3f} | {delta:+.2f}% | {x['kl_mean']:.4f} | "
-                     f"{x['top1_agreement']:.4f} | {m.quantize_seconds:.0f} | {x['eval_seconds']:.0f} |")
+                     f"{x['top1_agreement']:.4f} | {m.quantize_seconds:.0f} | {eval_s} |")
     return "\n".join(lines)
 
 
@@ -320,11 +349,13 @@ def main() -> None:
         store = ArtifactStore(str(work / "artifacts"))
         quantdag_dir, quantdag_s, rows_ref = run_quantdag(profile, base, store)
         ids = calibration_ids(modeling.load_tokenizer(base), read_rows(store, rows_ref)[1], profile.text.text_field, profile.text.seq_len)
-        plain_dir = work / "plain-modelopt-export"
-        plain_s = run_plain_modelopt(profile, base, ids, plain_dir)
+        plain_dir, plain_bf16_dir = work / "plain-modelopt-export", work / "plain-modelopt-bf16-export"
+        plain_s = run_plain_modelopt(profile, base, ids, plain_dir, torch.float32)
+        plain_bf16_s = run_plain_modelopt(profile, base, ids, plain_bf16_dir, torch.bfloat16)
         methods = [Method("quantdag (NVFP4 W4A4 + FP8 KV)", quantdag_dir, True, quantdag_s),
-                   Method("plain ModelOpt script (NVFP4 W4A4 + FP8 KV)", plain_dir, True, plain_s),
-                   Method("quantdag, KV unquantized (NVFP4 W4A4)", quantdag_dir, False, quantdag_s)]
+                   Method("plain ModelOpt script, float32 calibration (NVFP4 W4A4 + FP8 KV)", plain_dir, True, plain_s),
+                   Method("quantdag, KV unquantized (NVFP4 W4A4)", quantdag_dir, False, quantdag_s),
+                   Method("plain ModelOpt script, BF16 calibration, KV unquantized", plain_bf16_dir, False, plain_bf16_s)]
         llmc = Method("llm-compressor NVFP4 (W4A4, KV unquantized)", fake_quant_kv=False)
         job_report: dict[str, Any] = {}
         if args.skip_llmcompressor:
@@ -336,9 +367,11 @@ def main() -> None:
             except PeerUnavailable as err:
                 llmc.error = str(err)
         methods.append(llmc)
-        diffs = {"quantdag_vs_plain_modelopt": scale_differences(quantdag_dir, plain_dir)}
+        diffs = {"quantdag_vs_plain_modelopt": scale_differences(quantdag_dir, plain_dir),
+                 "quantdag_vs_plain_modelopt_bf16_calibration": scale_differences(quantdag_dir, plain_bf16_dir)}
         if llmc.error is None:
             diffs["quantdag_vs_llmcompressor"] = scale_differences(quantdag_dir, llmc.export_dir)
+            diffs["plain_modelopt_bf16_calibration_vs_llmcompressor"] = scale_differences(plain_bf16_dir, llmc.export_dir)
         bf16 = evaluate_methods(base, profile.eval, methods)
 
     print(table(methods, bf16))

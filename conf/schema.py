@@ -45,7 +45,6 @@ class BaseModelSpec(_Frozen):
     gguf_file: str | None = Field(
         None, description="GGUF file name inside local_dir (dequantized to BF16 by transformers)"
     )
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
 
     @field_validator("revision", mode="before")
     @classmethod

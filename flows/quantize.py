@@ -7,7 +7,12 @@
 Every step is a cached Prefect task keyed on its inputs + source + code version; the two
 calibration branches run concurrently; when no branch is sharded they run as one
 ``calibrate_branches`` task on one model load (``tasks/calibrate_shared.py``), one state per
-branch. A text-only base skips the image-text branch. Before any
+branch. Tasks run in worker processes (``ProcessPoolTaskRunner``;
+``PREFECT_TASKS_RUNNER_PROCESS_POOL_MAX_WORKERS`` caps them), never as threads of one process:
+ModelOpt's KV-cache quantization swaps transformers' module-global attention function during each
+quantized forward and restores it afterwards, so quantized forwards in two threads of one process
+can leave the swapped function installed for every later model there. A text-only base skips the
+image-text branch. Before any
 model loads, ``preflight`` probes S3 and MLflow and ``reap_stale_runs`` ends the MLflow runs of
 killed flow runs; the hooks end this run's MLflow runs when it fails, crashes or is cancelled.
 """

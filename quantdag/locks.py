@@ -400,8 +400,8 @@ def gpu_slots(task_run_id: str | None = None) -> Iterator[list[str]]:
         yield []
         return
     from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-    from prefect.concurrency.sync import concurrency
     from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+    from prefect.concurrency.sync import concurrency
 
     holder = ConcurrencyLeaseHolder(type="task_run", id=task_run_id) if task_run_id else None
     lease = max(60.0, float(os.environ.get("QUANTDAG_GPU_LEASE_SECONDS", GPU_LEASE_SECONDS)))

@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Stack, cli, kill_groups  # noqa: E402
+from harness import Stack, cli, kill_flow_run_processes  # noqa: E402
 from services import Service, start_worker  # noqa: E402
 from tiny import build_tiny_workspace  # noqa: E402
 
@@ -75,6 +75,4 @@ def stack(prefect_api: str, mlflow_server: str, s3_endpoint: str, service_dir: P
                    deployment["job_variables"]["env"], cli_env, workers=workers)
     yield result
     workers.stop()
-    for marker in fault_dir.glob("*.json"):  # flow runs paused by a fault live in sessions of their own
-        info = json.loads(marker.read_text())
-        kill_groups(info["pgid"], info["parent_pgid"])
+    kill_flow_run_processes(result.flow_runs)  # flow runs live in sessions of their own

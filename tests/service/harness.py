@@ -55,7 +55,13 @@ def task_result(flow_run_id: str, step: str) -> Any:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     latest = max(run.flow_run_run_count for run in runs)
     (run,) = [r for r in runs if r.flow_run_run_count == latest and re.sub(r"-[0-9a-f]{3}$", "", r.name) == step]
-    return run.state.result()
+    import fsspec
+    from prefect.results import ResultRecord
+
+    # a Cached state's metadata names the record's full key but no storage block: read it directly
+    key = run.state.data.storage_key
+    with fsspec.open(key, "rb") as handle:
+        return ResultRecord.deserialize(handle.read()).result
 
 
 def read_flow_run(flow_run_id: str) -> Any:
@@ -163,6 +169,49 @@ def kill_groups(*pgids: int) -> None:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def kill_flow_run_processes(flow_run_ids: list[str]) -> None:
+    """SIGKILL the sessions of processes still running one of these flow runs (test teardown).
+
+    A process worker starts each flow run in a session of its own, so stopping the worker leaves
+    a flow run that is still running (a test that failed half way) alive; its environment names it.
+    """
+    wanted = {f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() for flow_run_id in flow_run_ids}
+    sessions = set()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            variables = set(environ.read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if variables & wanted:
+            sessions.add(os.getsid(int(environ.parent.name)))
+    for sid in sessions - {os.getsid(0)}:
+        kill_session(sid)
+
+
+def kill_session(sid: int) -> list[int]:
+    """SIGKILL every process of session ``sid`` at once, as a node loss would; returns their pids.
+
+    A process worker starts each flow run in a session of its own (supervisor, engine, task
+    processes), so this is exactly the flow run's process tree.
+    """
+    if sid == os.getsid(0):
+        raise AssertionError(f"session {sid} is this test process's own session: the flow run was not isolated")
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # after ")": state, ppid, pgrp, session
+            members.append(int(stat.parent.name))
+    for pid in members:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return members
 
 
 def alive(pid: int, grace: float = 10.0) -> bool:

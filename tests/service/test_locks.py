@@ -69,3 +69,13 @@ def test_gpu_limit_names_follow_cuda_visible_devices() -> None:
     assert gpu_limit_names({"CUDA_VISIBLE_DEVICES": ""}) == []
     assert gpu_limit_names({}) == []
     assert gpu_limit_names({"CUDA_VISIBLE_DEVICES": "3", "QUANTDAG_GPU_LIMIT_PREFIX": "gpu-node7"}) == ["gpu-node7-3"]
+
+
+def test_gpu_slot_on_a_missing_limit_fails_strictly_naming_the_fix(prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from quantdag.locks import gpu_slots
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "9")
+    monkeypatch.setenv("QUANTDAG_GPU_LIMIT_PREFIX", "gpu-missing")
+    with pytest.raises(RuntimeError, match="prefect gcl create gpu-missing-9 --limit 1"):
+        with gpu_slots():
+            pass

@@ -3,7 +3,7 @@
 ``QUANTDAG_FAULT=<action>:<kind>`` acts when a flow run is about to write the MANIFEST of an
 artifact of ``kind`` (every other file of the artifact is already in place, so this is the
 worst moment to die): ``raise`` fails the step, ``pause`` writes a marker file (pid, process
-groups) to ``QUANTDAG_FAULT_DIR`` and sleeps until the test kills the process. A fault fires once
+group, session) to ``QUANTDAG_FAULT_DIR`` and sleeps until the test kills the process. A fault fires once
 per flow run (``PREFECT__FLOW_RUN_ID``), so a retry of the same flow run gets past it, as after a
 transient failure.
 """
@@ -25,7 +25,7 @@ if _SPEC and _FLOW_RUN:
     def _faulty(self, path, data):
         marker = os.path.join(_DIR, f"{_FLOW_RUN}-{_ACTION}-{_KIND}.json")
         if f"/objects/{_KIND}/" in path and not os.path.exists(marker):
-            info = {"pid": os.getpid(), "pgid": os.getpgid(0), "ppid": os.getppid(),
+            info = {"pid": os.getpid(), "pgid": os.getpgid(0), "sid": os.getsid(0), "ppid": os.getppid(),
                     "parent_pgid": os.getpgid(os.getppid()), "path": path,
                     "secrets_in_env": sorted(k for k in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY") if os.environ.get(k))}
             with open(f"{marker}.tmp", "w") as handle:
