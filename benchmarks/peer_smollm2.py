@@ -133,6 +133,8 @@ def run_plain_modelopt(profile: Any, base: Any, ids: list[torch.Tensor], out: Pa
                 quantized.model(input_ids=row, use_cache=False)
 
     model = mtq.quantize(model, build_quant_config(profile.recipe), forward_loop=forward_loop)
+    for param in model.parameters():  # exact BF16 values again, so the export stores BF16 as quantdag's does;
+        param.data = param.data.to(torch.bfloat16)  # the quantizers' amax are buffers and stay float32
     with torch.no_grad():
         export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=out)
     AutoTokenizer.from_pretrained(base.source_dir, gguf_file=base.gguf_file).save_pretrained(out)
@@ -217,7 +219,9 @@ def scale_differences(dir_a: Path, dir_b: Path) -> dict[str, Any]:
     Returns:
         ``modules`` (quantized in both), ``only_in_a``/``only_in_b``; per ``input_scale`` and
         ``weight_scale_2``: ``max_abs``, ``max_rel`` (relative to ``dir_a``) and the worst module;
-        for ``weight`` (packed bytes) and ``weight_scale`` (E4M3 bytes): the fraction of equal bytes.
+        for ``weight`` (packed bytes) and ``weight_scale`` (E4M3 bytes): the fraction of equal bytes;
+        ``other_tensors_differing``: names of the remaining tensors (embeddings, norms) present in
+        both whose dtype or bytes differ. Each export is expected in one safetensors file.
     """
     from safetensors.torch import load_file
 
@@ -234,6 +238,10 @@ def scale_differences(dir_a: Path, dir_b: Path) -> dict[str, Any]:
         equal = sum(int((a[f"{m}.{suffix}"].view(torch.uint8) == b[f"{m}.{suffix}"].view(torch.uint8)).sum()) for m in common)
         total = sum(a[f"{m}.{suffix}"].numel() for m in common)
         out[f"{suffix}_bytes_equal"] = equal / total if total else float("nan")
+    nvfp4 = {f"{m}.{s}" for m in mods_a | mods_b for s in ("weight", "weight_scale", "weight_scale_2", "input_scale")}
+    out["other_tensors_differing"] = sorted(
+        k for k in (set(a) & set(b)) - nvfp4
+        if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(a[k], b[k]))
     return out
 
 
@@ -379,7 +387,8 @@ def main() -> None:
         print(f"\n{name}: {diff['modules']} modules; input_scale max abs diff {diff['input_scale']['max_abs']:.3e} "
               f"(max rel {diff['input_scale']['max_rel']:.3e}); weight_scale_2 max abs diff "
               f"{diff['weight_scale_2']['max_abs']:.3e} (max rel {diff['weight_scale_2']['max_rel']:.3e}); "
-              f"equal bytes: weight {diff['weight_bytes_equal']:.4f}, weight_scale {diff['weight_scale_bytes_equal']:.4f}")
+              f"equal bytes: weight {diff['weight_bytes_equal']:.4f}, weight_scale {diff['weight_scale_bytes_equal']:.4f}; "
+              f"other tensors differing: {len(diff['other_tensors_differing'])}")
     result = {
         "profile": PROFILE,
         "calibration": {"rows": len(ids), "tokens": sum(int(x.numel()) for x in ids), "seq_len": profile.text.seq_len},

@@ -49,8 +49,12 @@ class BaseModelSpec(_Frozen):
     @field_validator("revision", mode="before")
     @classmethod
     def _revision_as_string(cls, value: object) -> object:
-        # `prefect deployment run --param` parses values as JSON: a numeric revision arrives as int.
-        return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+        # `prefect deployment run --param` parses values as JSON: a numeric revision arrives as an
+        # int (kept: "12345"); a float cannot be turned back into the text that was meant
+        # (a sha like 1234e56 reads as 1.234e59), so it is refused.
+        if isinstance(value, float):
+            raise ValueError(f"base.revision {value!r} was read as a number: quote it, e.g. --param revision='\"1234e56\"'")
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _one_source(self) -> BaseModelSpec:

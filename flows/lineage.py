@@ -22,7 +22,8 @@ from quantdag.tracking import Tracker, flatten, prefect_run_url
 
 log = logging.getLogger(__name__)
 
-_VERSIONS = ("torch", "transformers", "nvidia-modelopt", "prefect", "mlflow", "flash-linear-attention")
+_VERSIONS = ("torch", "transformers", "nvidia-modelopt", "prefect", "mlflow", "mlflow-skinny", "triton",
+             "flash-linear-attention", "fla-core")
 # Which artifact files of a step's output are worth attaching to its MLflow child run.
 _ATTACH = {
     "merge_amax": ("amax_table.json", "amax_by_modality.png"),

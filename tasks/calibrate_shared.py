@@ -300,6 +300,9 @@ def calibrate_branches(base: BaseRef, rows: dict[str, ArtifactRef], recipe: Reci
             "calibrate_seconds": seconds,
             "tokens_per_second": stats[kind]["tokens"] / seconds if seconds else 0.0,
         })
+    del model, loaded
+    if torch_device.type == "cuda":  # a pooled worker process would otherwise keep the weights' memory cached
+        torch.cuda.empty_cache()
     return refs
 
 

@@ -47,6 +47,8 @@ def test_numeric_revision_from_cli_json_stays_a_string() -> None:
     # `prefect deployment run --param` parses 12345 as JSON: an int must not break the profile.
     profile = load_profile("qwen3.6-27b-nvfp4", {"base": {"revision": 12345}})
     assert profile.base.revision == "12345"
+    with pytest.raises(ValueError, match="quote it"):
+        load_profile("qwen3.6-27b-nvfp4", {"base": {"revision": 1.234e59}})
 
 
 def test_file_tracking_store_is_refused() -> None:

@@ -9,7 +9,6 @@ ModelOpt state (quantizer properties included).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -96,9 +95,9 @@ def test_branches_really_differ(states) -> None:
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
-    base = resolve_base(BaseModelSpec(local_dir=str(build_tiny_llama(tmp_path_factory.mktemp("llama")))))
-    return base
+def llama(tmp_path_factory: pytest.TempPathFactory):
+    """A resolved tiny 2-layer Llama base (text only)."""
+    return resolve_base(BaseModelSpec(local_dir=str(build_tiny_llama(tmp_path_factory.mktemp("llama")))))
 
 
 def _batches() -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench_trace
-from benchmarks.gpu_flow_vs_monolithic import calibration_ratios, checkpoint_bytes, extrapolate, step_table, summarize
+from benchmarks.bench_report import calibration_ratios, checkpoint_bytes, extrapolate, step_table, summarize
 
 T0 = 1_000.0
 
