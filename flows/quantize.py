@@ -52,8 +52,10 @@ def quantize(profile: Profile, revision: str | int | float | None = None) -> dic
     --param revision=12345`` reaches the flow as the string ``"12345"``.
     """
     profile, flow_run_id = with_revision(profile, revision), str(get_run_context().flow_run.id)
-    logger, cv, store = get_run_logger(), code_version(), profile.artifact_store
+    logger, store = get_run_logger(), profile.artifact_store
     preflight_task(profile)
+    # the store's id joins the cache key: a deleted or new store never serves cached references
+    cv = f"{code_version()}@{ArtifactStore(store).store_id()}"
     reap_stale_runs_task(profile.tracking_uri, flow_run_id)
     base = resolve_base_task(profile.base)
     lineage = Lineage(profile, base, flow_run_id, cv)
@@ -75,6 +77,8 @@ def quantize(profile: Profile, revision: str | int | float | None = None) -> dic
         for future in futures.values():  # in DAG order: the first failure raises its own error
             future.result()  # a failed audit keeps the checkpoint out of the registry
         checkpoint, report = futures["export"].result(), futures["evaluate"].result()
+        if not ArtifactStore(store).exists(checkpoint):
+            raise RuntimeError(f"checkpoint {checkpoint.uri} is missing from the store; not registering it")
         version = lineage.register(checkpoint)
     except BaseException:
         _record_steps(lineage, futures, ArtifactStore(store))

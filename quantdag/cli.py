@@ -71,10 +71,31 @@ def show(profile: str, set_: Annotated[list[str], typer.Option("--set", help="do
 def run(profile: str, set_: Annotated[list[str], typer.Option("--set", help="dotted.key=value override")] = []) -> None:
     """Run the quantize flow in this process on PROFILE (a shipped name or a YAML path)."""
     resolved = _load(profile, set_)
+    _print_result(_run_flow(resolved), resolved)
+
+
+def _run_flow(profile: Any) -> dict[str, Any]:
+    """Run the quantize flow; without ``PREFECT_API_URL``, on ONE local temporary Prefect API.
+
+    Task worker processes inherit ``PREFECT_API_URL``; without it each would start its own
+    temporary server.
+    """
     from flows.quantize import quantize
 
-    result = quantize(resolved)
-    _print_result(result, resolved)
+    if os.environ.get("PREFECT_API_URL"):
+        return quantize(profile)
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            return quantize(profile)
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
 
 
 def _print_result(result: dict[str, Any], profile: Any) -> None:
@@ -83,7 +104,8 @@ def _print_result(result: dict[str, Any], profile: Any) -> None:
     typer.echo(f"\nNVFP4 checkpoint: {checkpoint}")
     typer.echo(f"Registered model: {profile.model_name} version {result['model_version']}")
     if profile.tracking_uri.startswith("sqlite"):
-        typer.echo(f"MLflow UI:        mlflow ui --backend-store-uri {profile.tracking_uri}  (then open http://127.0.0.1:5000)")
+        mlflow = Path(sys.executable).with_name("mlflow")
+        typer.echo(f"MLflow UI:        {mlflow} ui --backend-store-uri {profile.tracking_uri}  (then open http://127.0.0.1:5000)")
     else:
         typer.echo(f"MLflow run:       {profile.tracking_uri}/#/experiments (run {result['mlflow_run_id']})")
 
@@ -101,9 +123,7 @@ def demo(home: Annotated[Path | None, typer.Option(help="working directory (defa
 
     build_demo_workspace(home / "demo", rebuild=rebuild)
     resolved = _load("demo", [])
-    from flows.quantize import quantize
-
-    _print_result(quantize(resolved), resolved)
+    _print_result(_run_flow(resolved), resolved)
 
 
 @app.command("fetch-smollm2")

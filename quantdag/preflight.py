@@ -108,8 +108,29 @@ def result_storage_location() -> str | None:
     return str(basepath) if basepath else None
 
 
+_HINTS = {
+    "base.local_dir": "build or fetch the model first (`quantdag demo`, `quantdag fetch-smollm2`)",
+    "text.path": "point it at a cnn_dailymail-schema .jsonl (QUANTDAG_DATA locates ../shared/data)",
+    "eval.path": "point it at a raw text file (QUANTDAG_DATA locates ../shared/data)",
+    "image_text.path": "point it at a Nemotron-VLM-Dataset-v2-layout mirror",
+}
+
+
+def missing_local_inputs(profile: Profile) -> list[str]:
+    """One line per local input path of ``profile`` (no ``scheme://``) that does not exist, naming the field."""
+    fields = {
+        "base.local_dir": profile.base.local_dir,
+        "text.path": profile.text.path,
+        "eval.path": profile.eval.path,
+        "image_text.path": profile.image_text.path if profile.image_text else None,
+    }
+    return [f"{field} {path} does not exist: {_HINTS[field]}" for field, path in fields.items()
+            if path and "://" not in path and not Path(path).expanduser().exists()]
+
+
 def preflight(profile: Profile) -> dict[str, Any]:
-    """Probe the artifact store, MLflow and Prefect's result storage; fail naming every bad endpoint.
+    """Check local input paths, then probe the artifact store, MLflow and Prefect's result storage;
+    fail naming every missing path (by field) and every bad endpoint.
 
     Returns:
         What was checked: ``artifact_store``, ``tracking_uri``, ``result_storage``, ``s3_endpoint``.
@@ -121,7 +142,7 @@ def preflight(profile: Profile) -> dict[str, Any]:
     checks = [(check_store, profile.artifact_store, "artifact store"), (check_tracking, profile.tracking_uri, None)]
     if results:
         checks.append((check_store, results, "Prefect result storage"))
-    failures = []
+    failures = missing_local_inputs(profile)
     for check, target, what in checks:
         try:
             check(target, what) if what else check(target)

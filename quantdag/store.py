@@ -168,6 +168,20 @@ class ArtifactStore:
             # a single PUT: S3 makes the object visible only when the request completes
             self.fs.pipe_file(path, data)
 
+    def store_id(self) -> str:
+        """A random id written once to ``<root>/STORE_ID``: a deleted and recreated store gets a new one.
+
+        Flows put it into every step's cache key, so cached references never point into a store
+        that no longer holds them.
+        """
+        path = f"{self._root_path}/STORE_ID"
+        self.fs.invalidate_cache()
+        if not self.fs.exists(path):
+            self.fs.makedirs(self._root_path, exist_ok=True)
+            self._write_atomic(path, uuid.uuid4().hex.encode())
+        with self.fs.open(path, "rb") as handle:
+            return handle.read().decode().strip()
+
     # ------------------------------------------------------------------------------------ reads
     def exists(self, ref: ArtifactRef) -> bool:
         """True when the artifact's manifest exists (the artifact is complete)."""

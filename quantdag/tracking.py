@@ -147,7 +147,10 @@ class Tracker:
         self.client.set_terminated(run_id, status)
 
     def register(self, parent_id: str, model_name: str, source_uri: str, tags: dict[str, str]) -> str:
-        """Register the exported checkpoint as a new model version; returns the version number.
+        """Register the exported checkpoint as a model version; returns the version number.
+
+        A checkpoint already registered under ``model_name`` (same ``checkpoint_sha256`` tag) keeps
+        its version: an all-cached rerun adds no duplicate.
 
         ``create_model_version`` on the artifact URI is used rather than ``register_model``,
         which fails on a plain directory and leaves an empty model behind (MLflow 3).
@@ -156,6 +159,9 @@ class Tracker:
             self.client.get_registered_model(model_name)
         except Exception:  # noqa: BLE001 - MlflowException RESOURCE_DOES_NOT_EXIST
             self.client.create_registered_model(model_name)
+        for existing in self.client.search_model_versions(f"name='{model_name}'"):
+            if tags.get("checkpoint_sha256") and existing.tags.get("checkpoint_sha256") == tags["checkpoint_sha256"]:
+                return existing.version  # the same checkpoint is registered once
         version = self.client.create_model_version(model_name, source_uri, run_id=parent_id, tags=tags)
         return version.version
 
