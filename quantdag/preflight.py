@@ -116,13 +116,23 @@ _HINTS = {
 }
 
 
+def _may_be_vlm(profile: Profile) -> bool:
+    """False only for a local base whose config.json has no vision_config (its image branch is skipped)."""
+    config = Path(profile.base.local_dir or "").expanduser() / "config.json"
+    if profile.base.gguf_file:
+        return False
+    if profile.base.local_dir is None or not config.is_file():
+        return True
+    return "vision_config" in config.read_text()
+
+
 def missing_local_inputs(profile: Profile) -> list[str]:
     """One line per local input path of ``profile`` (no ``scheme://``) that does not exist, naming the field."""
     fields = {
         "base.local_dir": profile.base.local_dir,
         "text.path": profile.text.path,
         "eval.path": profile.eval.path,
-        "image_text.path": profile.image_text.path if profile.image_text else None,
+        "image_text.path": profile.image_text.path if profile.image_text and _may_be_vlm(profile) else None,
     }
     return [f"{field} {path} does not exist: {_HINTS[field]}" for field, path in fields.items()
             if path and "://" not in path and not Path(path).expanduser().exists()]
