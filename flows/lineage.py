@@ -18,7 +18,7 @@ from conf.schema import Profile
 from quantdag.modeling import BaseRef
 from quantdag.secrets import redact
 from quantdag.store import ArtifactRef, ArtifactStore
-from quantdag.tracking import Tracker, flatten, prefect_run_url
+from quantdag.tracking import Tracker, flatten, numeric, prefect_run_url
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,6 @@ class Lineage:
 
     def finish(self, metrics: dict[str, Any], failed: bool = False) -> None:
         """Copy headline metrics to the parent and end it (FINISHED or FAILED)."""
-        from quantdag.tracking import numeric
-
         values = numeric(metrics)
         if values:
             self.tracker._log(self.parent_id, metrics=values)

@@ -156,7 +156,8 @@ def text_loop(base: BaseRef, rows: list[dict[str, Any]], source: TextSource, dev
     return loop
 
 
-def _check_vision(stats: dict[str, float]) -> None:
+def check_vision(stats: dict[str, float]) -> None:
+    """Raise RuntimeError when an image-text pass never ran the vision tower or lost image embeddings."""
     if stats["vision_forward_calls"] == 0 or stats["vision_embeddings"] == 0:
         raise RuntimeError(
             "calibrate_image_text: the vision tower never ran (0 forward calls or 0 image embeddings); "
@@ -217,7 +218,7 @@ def calibrate(kind: str, base: BaseRef, rows_ref: ArtifactRef, recipe: RecipeSpe
     model = mtq.quantize(loaded.model, build_quant_config(recipe), forward_loop=loop)
     seconds = time.perf_counter() - start
     if kind == "image_text":
-        _check_vision(stats)
+        check_vision(stats)
     state = collect_state(model)
     require_valid_inputs(state, where=f"calibrate_{kind}")
     metrics = {

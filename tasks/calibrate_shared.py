@@ -48,7 +48,7 @@ from quantdag.modeling import BaseRef
 from quantdag.quantizer_state import amax_summary, collect_state, require_valid_inputs, save_state
 from quantdag.recipe import build_quant_config
 from quantdag.store import ArtifactRef, ArtifactStore
-from tasks.calibrate import CALIBRATORS, STATE_KIND, ForwardLoop, _check_vision
+from tasks.calibrate import CALIBRATORS, STATE_KIND, ForwardLoop, check_vision
 from tasks.fetch import read_rows
 from tasks.prefect_task import quantdag_task
 
@@ -290,7 +290,7 @@ def calibrate_branches(base: BaseRef, rows: dict[str, ArtifactRef], recipe: Reci
             recalibrate(model, config["algorithm"], loop)
         seconds = time.perf_counter() - start
         if kind == "image_text":
-            _check_vision(stats[kind])
+            check_vision(stats[kind])
         state = collect_state(model)
         require_valid_inputs(state, where=f"calibrate_{kind}")
         refs[kind] = _store_state(state, kind, stats[kind], store, {
