@@ -168,7 +168,64 @@ def calibration(spec: dict[str, Any]) -> dict[str, Any]:
                 **best, "tokens_per_second": tokens[kind] / best["seconds"],
                 "vs_plain": out["plain"][kind]["seconds"] / best["seconds"],
                 "amax_equal_to_modelopt": not differ, "amax_differing": differ[:10], "quantizers": len(amax)}
+    out["steady_state"] = _steady_state(model, config, loops, out["plain"], {"modelopt": variants["modelopt"],
+                                                                             "fast": variants["fast"]}, device)
+    out["profile_fast_text"] = _profile_pass(model, config, fast_max_loop(loops["text"][0]), device)
     return out
+
+
+def _steady_state(model: torch.nn.Module, config: dict[str, Any], loops: dict[str, Any], plain: dict[str, Any],
+                  variants: dict[str, Callable[..., Any]], device: torch.device, passes: int = 3) -> dict[str, Any]:
+    """Per-pass cost of calibration once its fixed cost is paid: one calibration with ``passes`` passes
+    over the rows against one with a single pass; the difference / (passes - 1) is the marginal pass
+    (same rows again: the amax cannot change). Ratio = plain forward pass seconds / marginal seconds."""
+    from tasks.calibrate_shared import recalibrate, reset_calibration
+
+    def repeated(loop: Callable[[torch.nn.Module], None], times: int) -> Callable[[torch.nn.Module], None]:
+        def run(calibrated: torch.nn.Module) -> None:
+            for _ in range(times):
+                loop(calibrated)
+        return run
+
+    out: dict[str, Any] = {}
+    for name, wrap in variants.items():
+        out[name] = {}
+        for kind, (loop, _) in loops.items():
+            seconds = {}
+            for times in (1, passes):
+                reset_calibration(model)
+                record: dict[str, Any] = {}
+                with _timed(record, "run", device):
+                    recalibrate(model, config["algorithm"], wrap(repeated(loop, times)))
+                seconds[times] = record["run"]["seconds"]
+            marginal = (seconds[passes] - seconds[1]) / (passes - 1)
+            out[name][kind] = {"one_pass_seconds": seconds[1], f"{passes}_pass_seconds": seconds[passes],
+                               "marginal_pass_seconds": marginal, "fixed_seconds": seconds[1] - marginal,
+                               "vs_plain": plain[kind]["seconds"] / marginal if marginal > 0 else None}
+    return out
+
+
+def _profile_pass(model: torch.nn.Module, config: dict[str, Any], loop: Callable[[torch.nn.Module], None],
+                  device: torch.device) -> dict[str, Any]:
+    """torch.profiler over one calibration: the operators that take the most device and host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tasks.calibrate_shared import recalibrate, reset_calibration
+
+    reset_calibration(model)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        recalibrate(model, config["algorithm"], loop)
+        _sync(device)
+    averages = prof.key_averages()
+    by_device = sorted(averages, key=lambda e: getattr(e, "self_device_time_total", 0.0), reverse=True)[:15]
+    by_host = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    return {
+        "device_us": [(e.key, e.count, round(getattr(e, "self_device_time_total", 0.0))) for e in by_device],
+        "host_us": [(e.key, e.count, round(e.self_cpu_time_total)) for e in by_host],
+        "device_total_us": sum(getattr(e, "self_device_time_total", 0.0) for e in averages),
+        "host_total_us": sum(e.self_cpu_time_total for e in averages),
+    }
 
 
 def _vision_seconds(model: torch.nn.Module, loop: Callable[[torch.nn.Module], None], device: torch.device) -> float:
@@ -191,6 +248,32 @@ def _vision_seconds(model: torch.nn.Module, loop: Callable[[torch.nn.Module], No
         for handle in handles:
             handle.remove()
     return spent["seconds"]
+
+
+def warmup(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run both loops once, plain and under max calibration, and discard the timings: the kernels
+    that Triton compiles on first use (flash-linear-attention's, ModelOpt's) land in the on-disk
+    cache, so the stages after this one (baseline and flow alike) start with the same warm cache."""
+    import modelopt.torch.quantization as mtq
+
+    from quantdag.fast_max import fast_max_loop
+    from quantdag.recipe import build_quant_config
+
+    start = time.perf_counter()
+    device = torch.device(spec["device"])
+    base, rows, sources, store = _inputs(spec)
+    loops = _loops(base, rows, sources, store, device)
+    model, _ = _load(base, device)
+
+    def both(calibrated: torch.nn.Module) -> None:
+        for loop, _ in loops.values():
+            loop(calibrated)
+
+    with torch.no_grad():
+        both(model)
+    mtq.quantize(model, build_quant_config(_profile(spec).recipe), forward_loop=fast_max_loop(both))
+    _sync(device)
+    return {"seconds": time.perf_counter() - start}
 
 
 def monolithic(spec: dict[str, Any]) -> dict[str, Any]:
@@ -233,28 +316,30 @@ def monolithic(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def flow(spec: dict[str, Any], threads: bool = False) -> dict[str, Any]:
+def flow(spec: dict[str, Any], gpus: int = 1) -> dict[str, Any]:
     """One run of the quantize flow; the driver's environment points it at its Prefect server.
 
-    ``threads``: run it with Prefect's ThreadPoolTaskRunner instead of the flow's own runner.
+    ``gpus`` > 1: ``calibration_gpus`` = ``gpus`` (each branch a task of its own, one GPU each);
+    the driver sets ``CUDA_VISIBLE_DEVICES`` to that many GPUs and this creates their Prefect
+    limits ``gpu-<i>``.
     """
     start = time.perf_counter()
-    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
-
     from benchmarks import bench_trace
     from flows.quantize import quantize
+    from quantdag.deploy import ensure_gpu_limits
 
     imports = time.perf_counter() - start
     trace = Path(spec["trace"])
     bench_trace.install(str(trace))
-    runner = ThreadPoolTaskRunner() if threads else quantize.task_runner
-    if isinstance(runner, ProcessPoolTaskRunner):  # trace inside every worker process as well
-        runner = ProcessPoolTaskRunner(max_workers=runner._max_workers, initializer=bench_trace.install,
-                                       initargs=(str(trace),))
+    profile = _profile(spec)
+    if gpus > 1:
+        profile = profile.model_copy(update={"calibration_gpus": gpus})
+        ensure_gpu_limits(os.environ["CUDA_VISIBLE_DEVICES"])
+    runner = quantize.task_runner
     traced_flow = quantize.with_options(task_runner=runner)
     first = len(bench_trace.read(trace))
     started_at, start = time.time(), time.perf_counter()
-    state = traced_flow(_profile(spec), return_state=True)
+    state = traced_flow(profile, return_state=True)
     wall = time.perf_counter() - start
     result = state.result()
     tracking = _profile(spec).tracking_uri
@@ -304,8 +389,8 @@ def _mlflow_children(tracking_uri: str, run_id: str) -> dict[str, dict[str, floa
     return {run.data.tags.get("quantdag.step", run.info.run_name): dict(run.data.metrics) for run in children}
 
 
-STAGES = {"calibration": calibration, "monolithic": monolithic, "flow": flow,
-          "flow_threads": lambda spec: flow(spec, threads=True)}
+STAGES = {"warmup": warmup, "calibration": calibration, "monolithic": monolithic, "flow": flow,
+          "flow_2gpu": lambda spec: flow(spec, gpus=2)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -81,6 +81,13 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return torch.cat([model(input_ids=row[None], use_cache=False).logits.float() for row in ids])
 
 
+def _hidden_states(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    """float32 hidden states after the embeddings and after each decoder layer, one row."""
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+    return [h.float() for h in out.hidden_states]
+
+
 def _scale_gaps(model: torch.nn.Module, export_dir: Path) -> dict[str, float]:
     """Largest relative gap between the unified in-memory scales and the exported ones."""
     from safetensors import safe_open
@@ -118,9 +125,105 @@ def unified_fakequant_model(base_dir: Path, state_path: Path, device: torch.devi
     return model
 
 
+def export_path_weights(model: torch.nn.Module) -> int:
+    """Give each NVFP4-quantized linear the weight ModelOpt's export writes, dequantized, in place.
+
+    Per module: ``get_weight_scaling_factor`` / ``get_weight_scaling_factor_2`` (the E4M3 block
+    scales and the FP32 ``weight_scale_2`` that ``export_hf_checkpoint`` stores), then
+    ``NVFP4QTensor.quantize`` (the export's own E2M1 rounding, ties to even) and its
+    ``dequantize``; the weight quantizer is then disabled, so the forward multiplies by exactly
+    those weights while ModelOpt keeps fake-quantizing the activations. Returns the modules changed.
+    """
+    from modelopt.torch.export.quant_utils import get_weight_scaling_factor, get_weight_scaling_factor_2
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+    changed = 0
+    for module in _nvfp4_linears(model).values():
+        weight = module.weight
+        scale, scale_2 = get_weight_scaling_factor(module), get_weight_scaling_factor_2(module)
+        packed, scale, scale_2 = NVFP4QTensor.quantize(weight.detach().float(), 16, scale, scale_2)
+        dequantized = packed.dequantize(dtype=torch.float32, scale=scale, double_scale=scale_2, block_sizes={-1: 16})
+        with torch.no_grad():
+            weight.copy_(dequantized.reshape(weight.shape).to(weight.dtype))
+        module.weight_quantizer.disable()
+        changed += 1
+    return changed
+
+
+def _nvfp4_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Modules whose weight quantizer is enabled with 16-element blocks (NVFP4)."""
+    found = {}
+    for name, module in model.named_modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        if quantizer is not None and quantizer.is_enabled and (quantizer.block_sizes or {}).get(-1) == 16:
+            found[name] = module
+    return found
+
+
+E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+def weight_differences(file_weights: dict[str, torch.Tensor], model: torch.nn.Module, export_dir: Path) -> dict[str, Any]:
+    """Elements where the file's dequantized weight differs from ``model``'s effective weight.
+
+    ``model``'s effective weight is its weight quantizer's output when the quantizer is enabled
+    (ModelOpt's fake quantization), else the weight itself. Each differing element is classed by
+    where ``|W| / (float(weight_scale) * weight_scale_2)`` lies: on an E2M1 midpoint (a tie the two
+    roundings break differently), within 1e-6 of one, or elsewhere.
+    """
+    from safetensors import safe_open
+
+    scales: dict[str, torch.Tensor] = {}
+    for file in export_dir.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            scales.update({k: handle.get_tensor(k) for k in handle.keys() if k.endswith(("weight_scale", "weight_scale_2"))})
+    totals = {"modules": 0, "modules_differing": 0, "elements": 0, "differing": 0, "ties": 0, "near_ties": 0, "other": 0}
+    worst: list[tuple[int, str]] = []
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name not in file_weights or getattr(module, "weight_quantizer", None) is None:
+                continue
+            ours = module.weight_quantizer(module.weight) if module.weight_quantizer.is_enabled else module.weight
+            theirs = file_weights[name].to(ours.device, ours.dtype)
+            differ = ours != theirs
+            count = int(differ.sum())
+            totals["modules"] += 1
+            totals["elements"] += ours.numel()
+            if not count:
+                continue
+            totals["modules_differing"] += 1
+            totals["differing"] += count
+            worst.append((count, name))
+            block, scale_2 = scales.get(f"{name}.weight_scale"), scales.get(f"{name}.weight_scale_2")
+            if block is None or scale_2 is None:
+                totals["other"] += count
+                continue
+            per_element = (block.float().to(ours.device).repeat_interleave(16, dim=-1) * scale_2.float().to(ours.device))
+            scaled = (module.weight.float().abs() / per_element)[differ]
+            midpoints = torch.tensor(E2M1_MIDPOINTS, device=scaled.device)
+            distance = (scaled[:, None] - midpoints).abs().min(dim=1).values
+            ties, near = int((distance == 0).sum()), int(((distance > 0) & (distance <= 1e-6 * scaled)).sum())
+            totals["ties"] += ties
+            totals["near_ties"] += near
+            totals["other"] += count - ties - near
+    totals["worst_modules"] = [f"{name}: {count}" for count, name in sorted(worst, reverse=True)[:5]]
+    return totals
+
+
 def compare(base_dir: Path, export_dir: Path, state_path: Path, ids: torch.Tensor,
             device: torch.device) -> dict[str, Any]:
-    """Logits of the file (a) and of ModelOpt's unified fake-quant model (b); see the module docstring.
+    """Logits of the file against ModelOpt's in-memory model, with the diagnostics that explain a gap.
+
+    a. the file through :func:`quantdag.reader.load_nvfp4_model` (float32);
+    b. ModelOpt's unified fake-quant model (:func:`unified_fakequant_model`): weights through
+       ModelOpt's weight fake quantization (its Triton kernel on CUDA), activations and K/V
+       through its quantizers;
+    c. the same ModelOpt model with the export path's weights (:func:`export_path_weights`):
+       activations and K/V still through ModelOpt's quantizers;
+    b2. b with every row in one batch instead of one row at a time: how far the same fake-quant
+       model moves when only the kernels' reduction order changes (the noise floor of W4A4);
+       b3. b run again on the same input (zero when every kernel is deterministic).
+    Also the hidden states after each decoder layer, a vs c, on the first row: where they part.
 
     Raises:
         RuntimeError: ``device`` is not CUDA (ModelOpt's NVFP4 fake quantization needs it).
@@ -135,9 +238,12 @@ def compare(base_dir: Path, export_dir: Path, state_path: Path, ids: torch.Tenso
     torch.backends.cudnn.allow_tf32 = False
     ids = ids.to(device)
     start = time.perf_counter()
-    loaded = load_nvfp4_model(export_dir, dtype=torch.float32)
-    file_model = loaded.model.to(device).eval()
+    loaded = load_nvfp4_model(export_dir, dtype=torch.float32, device=device)
+    file_model = loaded.model.eval()
     logits_a = _logits(file_model, ids)
+    hidden_a = _hidden_states(file_model, ids[:1])
+    file_weights = {name: module.weight.detach() for name, module in file_model.named_modules()
+                    if type(module).__name__ == "NVFP4Linear"}
     del file_model, loaded
     seconds_a = time.perf_counter() - start
 
@@ -145,6 +251,14 @@ def compare(base_dir: Path, export_dir: Path, state_path: Path, ids: torch.Tenso
     model = unified_fakequant_model(base_dir, state_path, device)
     gaps = _scale_gaps(model, export_dir)
     logits_b = _logits(model, ids)
+    with torch.no_grad():
+        logits_b_batched = model(input_ids=ids, use_cache=False).logits.float().reshape(logits_b.shape)
+    logits_b_again = _logits(model, ids)
+    weights_b = weight_differences(file_weights, model, export_dir)
+    changed = export_path_weights(model)
+    logits_c = _logits(model, ids)
+    weights_c = weight_differences(file_weights, model, export_dir)
+    hidden_c = _hidden_states(model, ids[:1])
     mtq.disable_quantizer(model, "*")
     logits_ref = _logits(model, ids)
     seconds_b = time.perf_counter() - start
@@ -154,10 +268,19 @@ def compare(base_dir: Path, export_dir: Path, state_path: Path, ids: torch.Tenso
 
     return {
         "rel_file_vs_fakequant": rel(logits_a, logits_b),
+        "rel_file_vs_modelopt_export_weights": rel(logits_a, logits_c),
+        "rel_fakequant_batched_vs_rows": rel(logits_b_batched, logits_b),
+        "rel_fakequant_run_twice": rel(logits_b_again, logits_b),
+        "rel_hidden_file_vs_export_weights_per_layer": [rel(x, y) for x, y in zip(hidden_a, hidden_c)],
         "rel_file_vs_float32_base": rel(logits_a, logits_ref),
         "rel_fakequant_vs_float32_base": rel(logits_b, logits_ref),
         "max_abs_file_vs_fakequant": float((logits_a - logits_b).abs().max()),
+        "max_abs_file_vs_modelopt_export_weights": float((logits_a - logits_c).abs().max()),
         "top1_agreement": float((logits_a.argmax(-1) == logits_b.argmax(-1)).float().mean()),
+        "top1_agreement_export_weights": float((logits_a.argmax(-1) == logits_c.argmax(-1)).float().mean()),
+        "weights_file_vs_fakequant": weights_b,
+        "weights_file_vs_export_path": weights_c,
+        "modules_given_export_weights": changed,
         "tokens": float(ids.numel()),
         "scale_gap_input": gaps["input_scale"],
         "scale_gap_weight": gaps["weight_scale_2"],
@@ -200,9 +323,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
-    verdict = "meets" if result["rel_file_vs_fakequant"] < 1e-3 else "MISSES"
-    print(f"{args.label or args.base}: ||file - fakequant|| / ||fakequant|| = {result['rel_file_vs_fakequant']:.3e} "
-          f"({verdict} the 1e-3 target)")
+    for key, what in (("rel_file_vs_fakequant", "ModelOpt fake quant"),
+                      ("rel_file_vs_modelopt_export_weights", "ModelOpt, export-path weights")):
+        verdict = "meets" if result[key] < 1e-3 else "MISSES"
+        print(f"{args.label or args.base}: ||file - {what}|| / ||{what}|| = {result[key]:.3e} ({verdict} the 1e-3 target)")
+    print(f"noise floor (same fake-quant model, batched vs row by row): {result['rel_fakequant_batched_vs_rows']:.3e}; "
+          f"weights differing from the file: fake quant {result['weights_file_vs_fakequant']['differing']} "
+          f"(ties {result['weights_file_vs_fakequant']['ties']}), export path {result['weights_file_vs_export_path']['differing']}")
     return result
 
 

@@ -8,11 +8,18 @@ Builds (once) a synthetic checkpoint at Qwen3.6-27B widths with ``--layers`` dec
 to ``--seq-len`` tokens), starts a Prefect server (SQLite) and uses MLflow on SQLite with
 artifacts on local disk, then runs, each in a process of its own (``benchmarks.bench_stages``):
 
+0. ``warmup``: both loops once, plain and calibrating, timings discarded (Triton's kernel cache
+   is then warm for every later stage; run it first when ``calibration`` is left out);
 1. ``calibration``: plain BF16 forward speed of both calibration loops vs max calibration
    (ModelOpt as is / weight quantizers off in the loop / ``tasks.calibrate_shared`` fast path);
 2. ``monolithic``: the baseline, load + ``mtq.quantize`` (image-text and text loops) + export;
 3. ``flow`` cold: ``flows.quantize.quantize`` on a fresh artifact store and result cache;
-4. ``flow`` cached: the same call again (every step a cache hit).
+4. ``flow`` cached: the same call again (every step a cache hit);
+5. ``flow_2gpu`` (on a machine with 2 GPUs): ``calibration_gpus: 2``, the two branches as two tasks
+   in two worker processes, one GPU each; the calibration stage's wall time against the cold
+   run's (one GPU, both branches on one model load);
+6. ``agreement``: the cold run's exported files against ModelOpt's in-memory model
+   (``benchmarks.file_vs_fakequant``).
 
 Prints per step seconds, tokens/s and peak GPU memory, the ratios against the targets (flow
 <= 1.05x baseline cold, cached rerun <= 0.02x, calibration >= 0.9x plain forward), the model
@@ -40,7 +47,7 @@ from typing import Any
 from benchmarks.bench_report import merged_state, report, summarize
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_ORDER = ("calibration", "monolithic", "flow_cold", "flow_cached", "flow_cached_threads", "agreement")
+STAGE_ORDER = ("warmup", "calibration", "monolithic", "flow_cold", "flow_cached", "flow_2gpu", "agreement")
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -116,6 +123,15 @@ class PrefectServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
 
 
+def _gpu_count() -> int:
+    """GPUs ``nvidia-smi -L`` lists (0 without a driver); the driver process never initialises CUDA."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.splitlines())
+
+
 def stage_command(stage: str, spec_path: Path, out: Path, spec: dict[str, Any], results: dict[str, Any]) -> list[str]:
     """The command line of one stage (the agreement stage compares the cold flow's export and state)."""
     if stage == "agreement":
@@ -126,7 +142,7 @@ def stage_command(stage: str, spec_path: Path, out: Path, spec: dict[str, Any], 
                 "--export", results["flow_cold"]["checkpoint"]["uri"], "--state", str(merged_state(workdir)),
                 "--text", profile["eval"]["path"], "--tokens", str(profile["text"].get("seq_len", 512)),
                 "--rows", "2", "--device", spec["device"], "--label", "flow-export", "--json", str(out)]
-    command = {"flow_cold": "flow", "flow_cached": "flow", "flow_cached_threads": "flow_threads"}.get(stage, stage)
+    command = {"flow_cold": "flow", "flow_cached": "flow"}.get(stage, stage)
     return [sys.executable, "-m", "benchmarks.bench_stages", command, "--spec", str(spec_path), "--out", str(out)]
 
 
@@ -135,6 +151,8 @@ def run_stage(stage: str, spec_path: Path, workdir: Path, env: dict[str, str], r
     out, log = workdir / f"{stage}.json", workdir / "logs" / f"{stage}.log"
     command = stage_command(stage, spec_path, out, json.loads(spec_path.read_text()), results)
     start = time.perf_counter()
+    if stage == "flow_2gpu":  # two GPUs, each with its Prefect limit (bench_stages creates them)
+        env = {**env, "CUDA_VISIBLE_DEVICES": "0,1"}
     with open(log, "w") as handle:
         done = subprocess.run(command, cwd=workdir, env=env, stdout=handle, stderr=subprocess.STDOUT)
     if done.returncode:
@@ -157,10 +175,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--eval-seq-len", type=int, default=128, help="tokens per evaluation window")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per calibration variant (best kept)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--stages", default=",".join(STAGE_ORDER), help=f"subset of {','.join(STAGE_ORDER)}")
+    parser.add_argument("--stages", default=",".join(STAGE_ORDER),
+                        help=f"stages of {','.join(STAGE_ORDER)} to run, in the order given")
     parser.add_argument("--prepare-only", action="store_true", help="build the checkpoint and corpora, run nothing")
     args = parser.parse_args(argv)
-    stages = [s for s in STAGE_ORDER if s in args.stages.split(",")]
+    stages = [s for s in args.stages.split(",") if s in STAGE_ORDER]  # in the order given
+    if "flow_2gpu" in stages and (args.device != "cuda" or _gpu_count() < 2):
+        print(f"skipping flow_2gpu: it needs 2 GPUs, this machine has {_gpu_count()}")
+        stages.remove("flow_2gpu")
     workdir = args.workdir.resolve()
     for stale in ("artifacts", "prefect-home", "stage-store", "monolithic", "logs", "mlruns"):
         shutil.rmtree(workdir / stale, ignore_errors=True)  # a cold run starts cold; inputs are kept
@@ -194,8 +216,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             env["PREFECT_API_URL"] = server.url
             results["prefect_server_start_seconds"] = server.start_seconds
         for stage in stages:
-            results[stage] = run_stage(stage, spec_path, workdir, env, results)
+            try:
+                results[stage] = run_stage(stage, spec_path, workdir, env, results)
+            except RuntimeError as err:  # report it with the stages that worked, then go on
+                print(err, file=sys.stderr)
+                results.setdefault("failed", {})[stage] = str(err)[-4000:]
             args.out.write_text(json.dumps(results, indent=1, default=str))  # partial results survive a failure
+    except KeyboardInterrupt:  # a deadline (timeout --signal=INT): report the stages that finished
+        results["interrupted"] = [s for s in stages if s not in results]
+        print(f"interrupted; stages not run or not finished: {results['interrupted']}")
     finally:
         if server:
             server.stop()

@@ -5,7 +5,9 @@
 #
 #   bash benchmarks/gpu_run.sh OUT_DIR [LAYERS]
 #
-# Writes to OUT_DIR: tiny_agreement.json (file vs fake quant on the demo's tiny model), bench.json
+# Writes to OUT_DIR: tiny_agreement.json and slice_agreement.json (exported file vs ModelOpt's
+# in-memory model on the demo's tiny model and on AGREEMENT_LAYERS (default 2) layers at Qwen3.6-27B
+# widths; SKIP_AGREEMENT=1 leaves them out; SKIP_BENCH=1 stops after them), bench.json
 # (flow vs monolithic at Qwen3.6-27B widths with LAYERS decoder layers, default 4; rewritten after
 # every stage) and logs.tgz (every stage's log, refreshed while the run goes on). GPU, driver and
 # library versions and the ModelOpt FP8 extension build go to standard output. BENCH_DEADLINE
@@ -31,15 +33,23 @@ stamp "ModelOpt FP8 extension build (background) + inputs"
   python3 -c "from modelopt.torch.quantization.extensions import get_cuda_ext_fp8; get_cuda_ext_fp8(raise_if_failed=True)"
   echo "fp8 extension ready in $(( $(date +%s) - start )) s" ) > "$WORK/jit.log" 2>&1 &
 JIT=$!
-python3 -m benchmarks.gpu_flow_vs_monolithic --workdir "$WORK/slice" --out "$WORK/prepare.json" --layers "$LAYERS" --prepare-only
+[ -z "${SKIP_BENCH:-}" ] && python3 -m benchmarks.gpu_flow_vs_monolithic --workdir "$WORK/slice" --out "$WORK/prepare.json" \
+  --layers "$LAYERS" --prepare-only
 python3 -c "from quantdag.demo.workspace import build_demo_workspace; build_demo_workspace('$WORK/tiny')"
 wait $JIT || { cat "$WORK/jit.log"; exit 1; }
 tail -2 "$WORK/jit.log"
 
-stamp "tiny demo model: exported file vs in-memory fake quant"
-python3 -m benchmarks.file_vs_fakequant --base "$WORK/tiny/model" --text "$WORK/tiny/heldout.txt" --tokens 128 \
-  --label tiny-demo --json "$OUT/tiny_agreement.json" 2>&1 | tail -3
+if [ -z "${SKIP_AGREEMENT:-}" ]; then
+  stamp "tiny demo model: exported file vs in-memory ModelOpt model"
+  python3 -m benchmarks.file_vs_fakequant --base "$WORK/tiny/model" --text "$WORK/tiny/heldout.txt" --tokens 128 \
+    --label tiny-demo --json "$OUT/tiny_agreement.json" 2>&1 | tail -4
+  stamp "Qwen3.6-27B widths, ${AGREEMENT_LAYERS:-2} layers: exported file vs in-memory ModelOpt model"
+  python3 -c "from pathlib import Path; from benchmarks.build_model import build_model; build_model(Path('$WORK/slice-agree'), ${AGREEMENT_LAYERS:-2})"
+  python3 -m benchmarks.file_vs_fakequant --base "$WORK/slice-agree" --text "$WORK/tiny/heldout.txt" --tokens 256 \
+    --calib-rows 8 --label qwen36-27b-widths --json "$OUT/slice_agreement.json" 2>&1 | tail -4
+fi
 
+[ -n "${SKIP_BENCH:-}" ] && { stamp "done (SKIP_BENCH)"; exit 0; }
 stamp "flow vs monolithic, $LAYERS layers at Qwen3.6-27B widths"
 mkdir -p "$WORK/slice/logs"
 ( while sleep 20; do
@@ -49,7 +59,7 @@ PACKER=$!
 status=0
 timeout --signal=INT $(( DEADLINE - SECONDS )) \
   python3 -m benchmarks.gpu_flow_vs_monolithic --workdir "$WORK/slice" --out "$OUT/bench.json" --layers "$LAYERS" \
-  ${BENCH_STAGES:+--stages "$BENCH_STAGES"} || status=$?
+  ${BENCH_STAGES:+--stages "$BENCH_STAGES"} ${BENCH_REPEATS:+--repeats "$BENCH_REPEATS"} || status=$?
 kill $PACKER 2>/dev/null || true
 rm -f "$OUT/logs.part"
 tar -czf "$OUT/logs.tgz" -C "$WORK/slice" logs

@@ -105,7 +105,7 @@ class ImageTextSource(_Frozen):
     seed: int = 0
     max_image_pixels: int = Field(768 * 768, gt=0, description="images above this are downscaled")
     max_text_tokens: int = Field(1024, gt=0, description="text tokens kept per row; image tokens never cut")
-    shards: int = Field(1, ge=1, description="calibrate in this many parallel shards (rows i::shards), merged by max")
+    shards: int = Field(1, ge=1, description="calibrate in this many shards (rows i::shards, one task each), merged by max; in parallel when calibration_gpus > 1")
 
     @model_validator(mode="after")
     def _one_source(self) -> ImageTextSource:
@@ -128,7 +128,7 @@ class TextSource(_Frozen):
     num_samples: int = Field(128, gt=0)
     seq_len: int = Field(512, gt=0, description="tokens per calibration sample")
     seed: int = 0
-    shards: int = Field(1, ge=1, description="calibrate in this many parallel shards (rows i::shards), merged by max")
+    shards: int = Field(1, ge=1, description="calibrate in this many shards (rows i::shards, one task each), merged by max; in parallel when calibration_gpus > 1")
 
     @model_validator(mode="after")
     def _one_source(self) -> TextSource:
@@ -174,6 +174,11 @@ class Profile(_Frozen):
     tracking_uri: str = Field(description="MLflow tracking URI: sqlite:///path.db or http(s)://host:port")
     registered_model_name: str | None = Field(None, description="defaults to '<name>'")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    calibration_gpus: int = Field(1, ge=1, le=64, description=(
+        "GPUs calibration may use at once. 1: calibration runs in the flow's process, both branches on ONE "
+        "model load when no branch is sharded, shards one after another. N > 1: each branch (or shard) is a task "
+        "of its own in a pool of N worker processes, one GPU each (Prefect limits gpu-<i> of the visible GPUs), "
+        "each loading the model"))
 
     @field_validator("name")
     @classmethod

@@ -4,27 +4,28 @@
                                                +-> merge_amax -> export -> audit, evaluate -> register
     fetch_text -------> calibrate_text --------+
 
-Every step is a cached Prefect task keyed on its inputs + source + code version; the two
-calibration branches run concurrently; when no branch is sharded they run as one
-``calibrate_branches`` task on one model load (``tasks/calibrate_shared.py``), one state per
-branch. Tasks run in worker processes (``ProcessPoolTaskRunner``;
-``PREFECT_TASKS_RUNNER_PROCESS_POOL_MAX_WORKERS`` caps them), never as threads of one process:
-ModelOpt's KV-cache quantization swaps transformers' module-global attention function during each
-quantized forward and restores it afterwards, so quantized forwards in two threads of one process
-can leave the swapped function installed for every later model there. A text-only base skips the
-image-text branch. Before any
-model loads, ``preflight`` probes S3 and MLflow and ``reap_stale_runs`` ends the MLflow runs of
-killed flow runs; the hooks end this run's MLflow runs when it fails, crashes or is cancelled.
+Every step is a cached Prefect task keyed on its inputs + source + code version. Tasks run in
+threads of the flow's process (``ThreadPoolTaskRunner``), so a rerun whose steps are all cached
+starts no worker process and loads no model. Steps that load a model take a process-wide lock
+and one GPU slot (``tasks/prefect_task.py``): ModelOpt's KV-cache quantization swaps
+transformers' module-global attention function during each quantized forward, so two model steps
+never overlap in one process. With ``calibration_gpus: 1`` and no sharded branch both branches
+calibrate as one ``calibrate_branches`` task on one model load (``tasks/calibrate_shared.py``),
+one state per branch. With ``calibration_gpus: N > 1`` every branch (or shard) is a task of its
+own in a pool of N worker processes (``ProcessPoolTaskRunner``), one GPU each, that ends before
+export loads the model. A text-only base skips the image-text branch. Before any model loads,
+``preflight`` probes S3 and MLflow and ``reap_stale_runs`` ends the MLflow runs of killed flow
+runs; the hooks end this run's MLflow runs when it fails, crashes or is cancelled.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
-from prefect.task_runners import ProcessPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from conf.schema import Profile
 from flows.lineage import Lineage
@@ -43,7 +44,7 @@ from tasks.merge import merge_amax_task
 from tasks.resolve import resolve_base_task
 
 
-@flow(name="quantize", flow_run_name="quantize-{profile.name}", log_prints=True, task_runner=ProcessPoolTaskRunner(),
+@flow(name="quantize", flow_run_name="quantize-{profile.name}", log_prints=True, task_runner=ThreadPoolTaskRunner(),
       on_failure=[end_tracking_hook], on_crashed=[end_tracking_hook], on_cancellation=[end_tracking_hook])
 def quantize(profile: Profile, revision: str | int | float | None = None) -> dict[str, Any]:
     """Quantize ``profile.base`` with ``profile.recipe``; returns the checkpoint URI, MLflow ids, metrics.
@@ -95,27 +96,30 @@ def quantize(profile: Profile, revision: str | int | float | None = None) -> dic
 
 
 def _calibrations(base: Any, futures: dict[str, Any], profile: Profile, cv: str) -> dict[str, Any]:
-    """Submit the fetched branches: one ``calibrate_branches`` task (one model load) when none is sharded."""
+    """Submit the fetched branches' calibration; see the module docstring for where each runs."""
     branches = {kind: source for kind, source in (("image_text", profile.image_text), ("text", profile.text))
                 if f"fetch_{kind}" in futures}
-    if all(source.shards == 1 for source in branches.values()):
+    if profile.calibration_gpus == 1 and all(source.shards == 1 for source in branches.values()):
         rows = {kind: futures[f"fetch_{kind}"] for kind in branches}
         return {"calibrate_branches": calibrate_branches_task.submit(
             base, rows, profile.recipe, branches, profile.artifact_store, profile.device, cv)}
     tasks = {"image_text": calibrate_image_text_task, "text": calibrate_text_task}
-    submitted: dict[str, Any] = {}
+    calls = {}
     for kind, source in branches.items():
-        submitted |= _calibration(tasks[kind], kind, base, futures[f"fetch_{kind}"], source, profile, cv)
+        for shard in range(source.shards):
+            name = f"calibrate_{kind}" if source.shards == 1 else f"calibrate_{kind}[{shard}]"
+            calls[name] = (tasks[kind], {
+                "base": base, "rows": futures[f"fetch_{kind}"], "recipe": profile.recipe, "source": source,
+                "artifact_store": profile.artifact_store, "device": profile.device, "code_version": cv,
+                "shard": shard, "num_shards": source.shards})
+    if profile.calibration_gpus == 1:
+        return {name: task.submit(**parameters) for name, (task, parameters) in calls.items()}
+    # one worker process per GPU; the pool ends (and frees its GPUs) before export loads the model
+    with ProcessPoolTaskRunner(max_workers=min(profile.calibration_gpus, len(calls))) as pool:
+        submitted = {name: pool.submit(task, parameters) for name, (task, parameters) in calls.items()}
+        for future in submitted.values():
+            future.wait()
     return submitted
-
-
-def _calibration(task: Any, kind: str, base: Any, rows: Any, source: Any, profile: Profile, cv: str) -> dict[str, Any]:
-    """Submit one calibration branch: one task, or ``source.shards`` mapped tasks ``calibrate_<kind>[i]``."""
-    args = (base, rows, profile.recipe, source, profile.artifact_store, profile.device, cv)
-    if source.shards == 1:
-        return {f"calibrate_{kind}": task.submit(*args)}
-    shards = task.map(*(unmapped(a) for a in args), shard=list(range(source.shards)), num_shards=unmapped(source.shards))
-    return {f"calibrate_{kind}[{i}]": future for i, future in enumerate(shards)}
 
 
 def _heldout_image_text(profile: Profile, futures: dict[str, Any], cv: str) -> Any:

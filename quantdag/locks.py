@@ -9,8 +9,12 @@ a GPU:
   never expire, so a holder killed with ``kill -9`` would block that step forever. Here a lock is
   a *lease*: a small JSON object (holder, owner, expiry) renewed by a heartbeat thread while the
   holder lives, and taken over by the next run once it has expired.
-- :func:`gpu_slots`, one slot of a Prefect global concurrency limit per visible GPU, taken
-  with ``strict=True`` (a missing limit fails instead of only warning) and a server-side lease.
+- :func:`gpu_slots`, ONE free GPU among the visible ones: the slot of its Prefect global
+  concurrency limit (``gpu-<i>``, limit 1), taken with ``strict=True`` (a missing limit fails
+  instead of only warning) and a server-side lease. A worker started with one GPU in
+  ``CUDA_VISIBLE_DEVICES`` takes that GPU; a process that sees several (one flow run whose
+  worker processes calibrate on two GPUs at once) takes the first free one, and
+  :func:`current_gpu` tells the code inside which one (its ``cuda:<ordinal>``).
 
 Leases live beside the result records they guard (``<Prefect result storage>/locks``), so
 they are shared exactly when results are. On S3 the object is created with ``If-None-Match: *``
@@ -23,7 +27,9 @@ lease well above the skew.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
 import fcntl
 import json
 import logging
@@ -44,6 +50,8 @@ LEASE_SECONDS = 120.0
 """Default lease of a step lock; ``QUANTDAG_LOCK_LEASE_SECONDS`` overrides it."""
 GPU_LEASE_SECONDS = 300.0
 """Default lease of a GPU slot (Prefect's server accepts 60 s to 1 day); ``QUANTDAG_GPU_LEASE_SECONDS``."""
+GPU_POLL_SECONDS = 1.0
+"""Default seconds between rounds over the GPU limits while all are taken; ``QUANTDAG_GPU_POLL_SECONDS``."""
 
 
 def lease_seconds() -> float:
@@ -382,33 +390,149 @@ def gpu_limit_names(env: dict[str, str] | None = None) -> list[str]:
     return [f"{prefix}-{device}" for device in devices if device != "-1"]
 
 
-@contextlib.contextmanager
-def gpu_slots(task_run_id: str | None = None) -> Iterator[list[str]]:
-    """Hold one slot of every visible GPU's global concurrency limit (``strict=True``).
+@dataclass(frozen=True)
+class GpuSlot:
+    """One GPU held through the slot of its global concurrency limit.
 
-    The slots are leased (``QUANTDAG_GPU_LEASE_SECONDS``, default 300, at least 60) and renewed
-    while this process lives, so a killed holder frees them when its lease runs out.
+    Attributes:
+        name: the limit, e.g. ``gpu-1``.
+        ordinal: the GPU's index among ``CUDA_VISIBLE_DEVICES``, i.e. the torch device ordinal
+            (``cuda:<ordinal>``); ``CUDA_VISIBLE_DEVICES=3`` holds ``gpu-3`` at ordinal 0.
+    """
+
+    name: str
+    ordinal: int
+
+
+_CURRENT_GPU: contextvars.ContextVar[GpuSlot | None] = contextvars.ContextVar("quantdag_current_gpu", default=None)
+
+
+def current_gpu() -> GpuSlot | None:
+    """The GPU that :func:`gpu_slots` holds in this context (thread or task), else None.
+
+    None outside :func:`gpu_slots` and inside one that holds nothing (no GPU visible).
+    """
+    return _CURRENT_GPU.get()
+
+
+def _create_hint(names: list[str], reason: object) -> str:
+    commands = "; ".join(f"prefect gcl create {name} --limit 1" for name in names)
+    return f"GPU concurrency limits {names} could not be taken ({reason}); create them: {commands}"
+
+
+def _missing_limits(names: list[str]) -> list[str]:
+    """The names among ``names`` that have no global concurrency limit on the Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    missing = []
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                missing.append(name)
+    return missing
+
+
+def _is_busy(err: BaseException) -> bool:
+    """True when an acquisition failed only because the limit has no free slot (HTTP 423)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if getattr(response, "status_code", None) == 423:
+            return True
+        seen = seen.__cause__
+    return False
+
+
+class _QuietRefusedTries(logging.Filter):
+    """Drops Prefect's ERROR record for an acquisition tried once (``max_retries=0``) and refused 423.
+
+    Prefect's acquisition service logs every failed item at ERROR, a taken slot included, although
+    the caller gets the exception and handles it; :func:`gpu_slots` tries taken GPUs on purpose.
+    Any other record passes (also when Prefect changes the record's shape).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        item = args[1] if len(args) == 2 and isinstance(args[1], tuple) else ()
+        future = item[-1] if len(item) > 3 else None
+        if item and item[3] == 0 and isinstance(future, concurrent.futures.Future) and future.done() \
+                and not future.cancelled():
+            err = future.exception()
+            return err is None or not _is_busy(err)
+        return True
+
+
+_QUIET_REFUSED_TRIES = _QuietRefusedTries()
+
+
+@contextlib.contextmanager
+def gpu_slots(task_run_id: str | None = None, poll: float | None = None) -> Iterator[GpuSlot | None]:
+    """Hold ONE free GPU: a slot of the first visible GPU's global concurrency limit that has one.
+
+    Each visible GPU's limit (:func:`gpu_limit_names`, in ``CUDA_VISIBLE_DEVICES`` order) is
+    tried once without waiting (one request with ``max_retries=0``: the server grants the slot or
+    answers 423 Locked). When every one is taken, the round repeats every ``poll`` seconds until
+    one frees, however long that takes. With one visible GPU this is a wait for that GPU's slot.
+    The slot is taken with ``strict=True`` and leased (``QUANTDAG_GPU_LEASE_SECONDS``, default
+    300, at least 60 seconds) and renewed while this process lives, so a killed holder frees it
+    when its lease runs out. While it is held, :func:`current_gpu` returns it.
+
+    A single non-blocking request is used rather than Prefect's ``timeout_seconds``: that
+    timeout cancels the request in flight, and a slot the server grants at that moment would
+    stay taken, unknown to anyone, until its lease expires.
+
+    Args:
+        task_run_id: the Prefect task run recorded as the slot's holder (None records none).
+        poll: seconds between rounds while every GPU is taken; None reads
+            ``QUANTDAG_GPU_POLL_SECONDS`` (default 1).
 
     Yields:
-        The limit names held (empty when no GPU is visible).
+        The :class:`GpuSlot` held; None when no GPU is visible (nothing is taken).
 
     Raises:
-        RuntimeError: a limit does not exist (names the command that creates it).
+        RuntimeError: a visible GPU's limit does not exist, checked for all of them before any
+            slot is taken (names the ``prefect gcl create ...`` command for each missing one),
+            or an acquisition fails for another reason than a taken slot.
     """
     names = gpu_limit_names()
     if not names:
-        yield []
+        yield None
         return
     from prefect.client.schemas.objects import ConcurrencyLeaseHolder
     from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
 
+    logging.getLogger("prefect._internal.concurrency").addFilter(_QUIET_REFUSED_TRIES)  # added once
+    missing = _missing_limits(names)
+    if missing:
+        raise RuntimeError(_create_hint(missing, "no such limit"))
     holder = ConcurrencyLeaseHolder(type="task_run", id=task_run_id) if task_run_id else None
     lease = max(60.0, float(os.environ.get("QUANTDAG_GPU_LEASE_SECONDS", GPU_LEASE_SECONDS)))
+    poll = float(os.environ.get("QUANTDAG_GPU_POLL_SECONDS", GPU_POLL_SECONDS)) if poll is None else poll
     with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(concurrency(names, occupy=1, strict=True, lease_duration=lease, holder=holder))
-        except ConcurrencySlotAcquisitionError as err:
-            commands = "; ".join(f"prefect gcl create {name} --limit 1" for name in names)
-            raise RuntimeError(f"GPU concurrency limits {names} could not be taken ({err}); create them: {commands}") from err
-        yield names
+        slot = None
+        waiting_since = None
+        while slot is None:
+            for ordinal, name in enumerate(names):
+                try:
+                    stack.enter_context(concurrency(name, occupy=1, max_retries=0, strict=True,
+                                                    lease_duration=lease, holder=holder))
+                except ConcurrencySlotAcquisitionError as err:
+                    if _is_busy(err):
+                        continue
+                    raise RuntimeError(_create_hint([name], err)) from err
+                slot = GpuSlot(name, ordinal)
+                break
+            else:
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    log.info("all GPU slots %s are taken; waiting for one to free", names)
+                time.sleep(poll)
+        if waiting_since is not None:
+            log.info("took GPU slot %s after waiting %.0f s", slot.name, time.monotonic() - waiting_since)
+        token = _CURRENT_GPU.set(slot)
+        stack.callback(_CURRENT_GPU.reset, token)
+        yield slot

@@ -19,6 +19,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import Profile
+from quantdag.locks import gpu_limit_names
 from quantdag.secrets import redact
 
 TIMEOUT_SECONDS = 5.0
@@ -138,6 +139,22 @@ def missing_local_inputs(profile: Profile) -> list[str]:
             if path and "://" not in path and not Path(path).expanduser().exists()]
 
 
+def gpu_shortfall(profile: Profile, env: dict[str, str] | None = None) -> list[str]:
+    """One line when ``calibration_gpus`` asks for more GPUs than this process may take slots of.
+
+    The GPUs are the entries of ``CUDA_VISIBLE_DEVICES`` (``quantdag.locks.gpu_limit_names``);
+    without it every worker process would pick the same GPU.
+    """
+    if profile.calibration_gpus == 1 or profile.device == "cpu":
+        return []
+    visible = gpu_limit_names(env)
+    if len(visible) >= profile.calibration_gpus:
+        return []
+    return [f"calibration_gpus {profile.calibration_gpus}: this worker may use {len(visible)} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={(env or os.environ).get('CUDA_VISIBLE_DEVICES', '<unset>')}); list "
+            f"{profile.calibration_gpus} GPUs in CUDA_VISIBLE_DEVICES (one Prefect limit gpu-<i> each) or lower calibration_gpus"]
+
+
 def preflight(profile: Profile) -> dict[str, Any]:
     """Check local input paths, then probe the artifact store, MLflow and Prefect's result storage;
     fail naming every missing path (by field) and every bad endpoint.
@@ -152,7 +169,7 @@ def preflight(profile: Profile) -> dict[str, Any]:
     checks = [(check_store, profile.artifact_store, "artifact store"), (check_tracking, profile.tracking_uri, None)]
     if results:
         checks.append((check_store, results, "Prefect result storage"))
-    failures = missing_local_inputs(profile)
+    failures = missing_local_inputs(profile) + gpu_shortfall(profile)
     for check, target, what in checks:
         try:
             check(target, what) if what else check(target)

@@ -131,6 +131,7 @@ def load_nvfp4_model(
     dtype: torch.dtype = torch.float32,
     *,
     fake_quant_kv: bool = True,
+    device: str | torch.device = "cpu",
 ) -> LoadedNVFP4Model:
     """Load a ModelOpt NVFP4 export as a transformers model that runs on the CPU.
 
@@ -154,6 +155,8 @@ def load_nvfp4_model(
         dtype: dtype of the weights and of the computation (float32 compares implementations
             without bf16 rounding).
         fake_quant_kv: emulate the FP8 KV cache; False keeps K/V in ``dtype``.
+        device: where the model is built and the weights are dequantized (a CUDA device skips
+            the host-side dequantization, minutes for a large checkpoint).
 
     Returns:
         :class:`LoadedNVFP4Model` with the eval-mode model and what was read.
@@ -177,7 +180,8 @@ def load_nvfp4_model(
     exclude_modules = list(section.get("exclude_modules") or [])
     model_cls, config = model_class_and_config(export_dir)
     tensors = tensor_index(export_dir)
-    with no_init_weights():
+    device = torch.device(device)
+    with no_init_weights(), device:
         model = model_cls._from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
     plan = plan_tensors(tensors, model, export_dir)
@@ -191,10 +195,10 @@ def load_nvfp4_model(
         for key in plan.plain:
             state[key].copy_(reader[key])
         for prefix, parts in plan.quantized.items():
-            packed, scale, scale_2 = (reader[parts[s]] for s in NVFP4_SUFFIXES[:3])
+            packed, scale, scale_2 = (reader[parts[s]].to(device) for s in NVFP4_SUFFIXES[:3])
             weight = dequantize_weight(packed, scale, scale_2)
-            bias = reader[parts["bias"]] if "bias" in parts else None
-            layer = NVFP4Linear(weight.to(dtype), reader[parts["input_scale"]], bias)
+            bias = reader[parts["bias"]].to(device) if "bias" in parts else None
+            layer = NVFP4Linear(weight.to(dtype), reader[parts["input_scale"]].to(device), bias)
             parent, _, child = prefix.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
         if tied:

@@ -5,23 +5,35 @@ Layout under the store root::
     objects/<kind>/<sha256>/<files...>      the artifact's files
     objects/<kind>/<sha256>/MANIFEST.json   written LAST: an artifact without it does not exist
     staging/<uuid>/...                      uploads in progress (never read)
+    staging/scratch-<random>/...            writers' scratch directories (never read)
 
 An artifact's sha256 is computed over its files (sorted relative path + each file's sha256), so the
 same content always lands at the same key and a rerun that produces identical bytes is a no-op.
+The files of one artifact are hashed by a small thread pool (hashlib and file reads release the
+GIL), which changes the time taken, never the digests.
 Writes go to ``staging/`` first and are copied to ``objects/`` only when complete; the manifest is
 written after the copy. A writer killed at any point leaves no manifest, so readers never see a
 half-written artifact (s3fs publishes a partial object when an exception interrupts
-``fs.open(..., "wb")``: fsspec/s3fs source).
+``fs.open(..., "wb")``: fsspec/s3fs source). Only ``objects/`` entries with a manifest are
+artifacts: whatever a killed writer leaves under ``staging/`` is never read.
+
+Large local artifacts (an exported checkpoint of 8-60 GB): write them into
+:meth:`ArtifactStore.scratch_dir` and store them with ``put_dir(..., move=True)``; on a local store
+the files are then renamed into place instead of copied, so storing costs one hashing pass.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +42,10 @@ from pydantic import BaseModel, ConfigDict
 
 MANIFEST = "MANIFEST.json"
 _CHUNK = 8 << 20
+_MAX_HASH_THREADS = 8
+# rename() errors that mean "these two paths cannot share a file": another filesystem or mount
+# (EXDEV), or a filesystem that refuses the operation; the file is then copied instead
+_NO_RENAME = frozenset({errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
 
 
 class ArtifactRef(BaseModel):
@@ -73,6 +89,34 @@ def tree_sha256(files: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
+def hash_workers(n_files: int) -> int:
+    """Threads used to hash ``n_files`` files: ``min(8, os.cpu_count(), n_files)``, at least 1."""
+    return max(1, min(_MAX_HASH_THREADS, os.cpu_count() or 1, n_files))
+
+
+def files_sha256(paths: dict[str, Path]) -> dict[str, str]:
+    """:func:`file_sha256` of every ``{relative path: local file}``, on up to :func:`hash_workers` threads.
+
+    One file is hashed by one thread (a file's sha256 is sequential), so the wall time is at
+    least that of the largest file; the largest files start first to keep the threads busy.
+    The digests are exactly those of a sequential :func:`file_sha256` loop.
+
+    Raises:
+        OSError: a file cannot be read (the first failure is raised; hashing of files not yet
+            started is cancelled).
+    """
+    order = sorted(paths, key=lambda rel: -paths[rel].stat().st_size)
+    workers = hash_workers(len(order))
+    if workers == 1:
+        return {rel: file_sha256(paths[rel]) for rel in order}
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quantdag-hash")
+    try:
+        futures = {rel: pool.submit(file_sha256, paths[rel]) for rel in order}
+        return {rel: futures[rel].result() for rel in order}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 class ArtifactStore:
     """Put and get content-addressed artifacts under ``root`` (local path or ``s3://...``).
 
@@ -102,37 +146,73 @@ class ArtifactStore:
         return f"{self._root_path}/objects/{kind}/{sha}"
 
     # ----------------------------------------------------------------------------------- writes
-    def put_dir(self, local_dir: str | os.PathLike[str], kind: str, meta: dict[str, Any] | None = None) -> ArtifactRef:
+    def put_dir(self, local_dir: str | os.PathLike[str], kind: str, meta: dict[str, Any] | None = None, *,
+                move: bool = False) -> ArtifactRef:
         """Store every file under ``local_dir`` as one artifact and return its reference.
+
+        Sizes in the reference (``files``) are in bytes. Every file is read once to hash it (on up
+        to ``min(8, os.cpu_count())`` threads); then, unless the artifact already exists, the
+        files are copied (with ``move=True``: renamed where possible) into ``staging/``, moved to
+        ``objects/<kind>/<sha256>/``, and the manifest is written last. The caller must not change
+        the source files while ``put_dir`` runs (the stored bytes must be the hashed bytes).
+
+        Args:
+            local_dir: the directory to store (``MANIFEST.json`` in it is ignored).
+            kind: a lowercase slug (letters, digits, ``-``).
+            meta: small JSON metadata kept in the reference.
+            move: consume the source files instead of copying them. On a local store each file is
+                renamed into ``staging/`` when ``local_dir`` is on the store's filesystem (write it
+                under :meth:`scratch_dir` for that), which moves no bytes: storing a checkpoint of
+                tens of GB then costs one hashing pass instead of a hashing pass plus a full copy.
+                A file that cannot be renamed (another filesystem or mount: ``EXDEV``; a filesystem
+                that refuses renames) is copied and its source deleted; on S3 every file is
+                uploaded and its source deleted. After a successful return the artifact's files
+                are gone from ``local_dir`` (also when the artifact already existed); after an
+                error some may be gone, so the caller must treat ``local_dir`` as consumed either
+                way and only delete it.
+
+                Why a move and not a hard link by default: a hard link shares the inode, so a
+                caller that later rewrote a source file in place (``open(path, "wb")``,
+                ``Path.write_bytes``, ``r+b``) would silently change a stored, content-addressed
+                artifact under its old sha256, and read-only modes do not stop a root process. A
+                rename leaves the caller no path to the stored file. Callers that keep using
+                their files (the default, ``move=False``) get an independent copy.
 
         Raises:
             ValueError: ``local_dir`` is missing, empty, or ``kind`` is not a lowercase slug.
+            OSError: a source file cannot be read or renamed, or the store cannot be written
+                (local stores): the artifact then has no manifest and does not exist. With
+                ``move=True`` a copied source file that cannot be deleted afterwards also raises,
+                although the artifact is then complete.
         """
         if not kind or not kind.replace("-", "").isalnum() or kind.lower() != kind:
             raise ValueError(f"artifact kind {kind!r} must be lowercase letters, digits and '-'")
         local = Path(local_dir)
         if not local.is_dir():
             raise ValueError(f"artifact source {local} is not a directory")
-        shas: dict[str, str] = {}
-        sizes: dict[str, int] = {}
+        sources: dict[str, Path] = {}
         for file in sorted(p for p in local.rglob("*") if p.is_file()):
             rel = file.relative_to(local).as_posix()
-            if rel == MANIFEST:
-                continue
-            shas[rel] = file_sha256(file)
-            sizes[rel] = file.stat().st_size
-        if not shas:
+            if rel != MANIFEST:
+                sources[rel] = file
+        if not sources:
             raise ValueError(f"artifact source {local} holds no files")
+        sizes = {rel: file.stat().st_size for rel, file in sources.items()}
+        hashed = files_sha256(sources)
+        shas = {rel: hashed[rel] for rel in sources}  # sorted by path, as the manifest always was
         sha = tree_sha256(shas)
         ref = ArtifactRef(uri=self._uri(self._obj(kind, sha)), sha256=sha, kind=kind, files=sizes, meta=meta or {})
         if self.exists(ref):
+            if move:
+                _unlink_all(sources.values())
             return ref
         final = self._obj(kind, sha)
         staging = f"{self._root_path}/staging/{uuid.uuid4().hex}"
         try:
             for rel in shas:
                 self.fs.makedirs(os.path.dirname(f"{staging}/{rel}"), exist_ok=True)
-                self.fs.put_file(str(local / rel), f"{staging}/{rel}")
+                if not (move and self.is_local and _rename(sources[rel], f"{staging}/{rel}")):
+                    self.fs.put_file(str(sources[rel]), f"{staging}/{rel}")
             for rel in shas:
                 self.fs.makedirs(os.path.dirname(f"{final}/{rel}"), exist_ok=True)
                 if self.is_local:
@@ -144,17 +224,49 @@ class ArtifactStore:
         finally:
             if self.fs.exists(staging):
                 self.fs.rm(staging, recursive=True)
+        if move:  # what was copied rather than renamed
+            _unlink_all(sources.values())
         self.fs.invalidate_cache()
         return ref
 
     def put_file(self, local_file: str | os.PathLike[str], kind: str, meta: dict[str, Any] | None = None) -> ArtifactRef:
-        """Store one file as an artifact (the file keeps its name inside the artifact)."""
+        """Store one file as an artifact (the file keeps its name inside the artifact).
+
+        The store gets its own copy; ``local_file`` is left as it is.
+
+        Raises:
+            ValueError: ``local_file`` is not a file, or ``kind`` is not a lowercase slug.
+        """
         src = Path(local_file)
         if not src.is_file():
             raise ValueError(f"artifact source {src} is not a file")
         with tempfile.TemporaryDirectory() as tmp:
             os.link(src, Path(tmp) / src.name) if _same_fs(src, tmp) else shutil.copy2(src, Path(tmp) / src.name)
             return self.put_dir(tmp, kind, meta)
+
+    @contextmanager
+    def scratch_dir(self) -> Iterator[Path]:
+        """A new empty directory on the store's filesystem, removed with its contents on exit.
+
+        For a local store it is ``<root>/staging/scratch-<random>``, so files written there can be
+        stored with ``put_dir(..., move=True)`` by a rename instead of a copy (an exported
+        checkpoint is tens of GB); for an S3 store it is an ordinary temporary directory. Nothing
+        under ``staging/`` is ever read as an artifact, so a scratch directory left behind by a
+        killed writer is only wasted disk space.
+
+        Raises:
+            OSError: the directory cannot be created (e.g. the store root is not writable).
+        """
+        if self.is_local:
+            parent = Path(self._root_path) / "staging"
+            parent.mkdir(parents=True, exist_ok=True)
+            path = Path(tempfile.mkdtemp(prefix="scratch-", dir=parent))
+        else:
+            path = Path(tempfile.mkdtemp(prefix="quantdag-scratch-"))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
     def _write_atomic(self, path: str, data: bytes) -> None:
         if self.is_local:
@@ -228,9 +340,28 @@ class ArtifactStore:
         """
         root = self.local_dir(ref)
         manifest = json.loads((root / MANIFEST).read_text())
-        bad = [rel for rel, sha in manifest["file_sha256"].items() if not (root / rel).exists() or file_sha256(root / rel) != sha]
+        expected: dict[str, str] = manifest["file_sha256"]
+        present = {rel: root / rel for rel in expected if (root / rel).is_file()}
+        actual = files_sha256(present)
+        bad = [rel for rel, sha in expected.items() if actual.get(rel) != sha]
         if bad:
             raise ValueError(f"artifact {ref.uri} is corrupt: files {bad} differ from its manifest")
+
+
+def _rename(src: Path, dst: str) -> bool:
+    """Rename ``src`` to ``dst``; False (nothing changed) when they cannot be on one filesystem."""
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno in _NO_RENAME:
+            return False
+        raise
+    return True
+
+
+def _unlink_all(paths: Any) -> None:
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
 
 
 def _same_fs(src: Path, tmp: str) -> bool:

@@ -25,6 +25,7 @@ import torch
 
 from conf.schema import ImageTextSource, RecipeSpec, TextSource
 from quantdag import modeling
+from quantdag.fast_max import ForwardLoop, fast_max_loop
 from quantdag.modeling import BaseRef
 from quantdag.progress import Progress
 from quantdag.quantizer_state import amax_summary, collect_state, require_valid_inputs, save_state
@@ -34,7 +35,6 @@ from tasks.fetch import read_rows
 from tasks.prefect_task import quantdag_task
 
 STATE_KIND = "quantizer-state"
-ForwardLoop = Callable[[torch.nn.Module], None]
 
 
 def _downscale(image: Any, max_pixels: int) -> Any:
@@ -172,7 +172,7 @@ def check_vision(stats: dict[str, float]) -> None:
 
 def calibrate(kind: str, base: BaseRef, rows_ref: ArtifactRef, recipe: RecipeSpec,
               source: ImageTextSource | TextSource, store: ArtifactStore, device: str = "auto",
-              shard: int = 0, num_shards: int = 1) -> ArtifactRef:
+              shard: int = 0, num_shards: int = 1, fast: bool = True) -> ArtifactRef:
     """Calibrate the base on one rows artifact and store the quantizer state.
 
     Args:
@@ -185,6 +185,7 @@ def calibrate(kind: str, base: BaseRef, rows_ref: ArtifactRef, recipe: RecipeSpe
         device: ``auto``, ``cpu`` or ``cuda``.
         shard, num_shards: calibrate on rows ``shard::num_shards`` only; the max-merge of all
             shards' states equals one pass over every row, bit for bit (each row runs alone).
+        fast: run the loop under :func:`quantdag.fast_max.fast_max_loop` (same amax, fewer kernels).
 
     Returns:
         A ``quantizer-state`` artifact (``quantizer_state.pt`` + ``metrics.json``); ``meta`` holds
@@ -215,7 +216,7 @@ def calibrate(kind: str, base: BaseRef, rows_ref: ArtifactRef, recipe: RecipeSpe
     import modelopt.torch.quantization as mtq
 
     start = time.perf_counter()
-    model = mtq.quantize(loaded.model, build_quant_config(recipe), forward_loop=loop)
+    model = mtq.quantize(loaded.model, build_quant_config(recipe), forward_loop=fast_max_loop(loop) if fast else loop)
     seconds = time.perf_counter() - start
     if kind == "image_text":
         check_vision(stats)

@@ -167,7 +167,7 @@ def evaluate(base: BaseRef, checkpoint: ArtifactRef, spec: EvalSpec, store: Arti
     windows = eval_windows(load_eval_text(spec), modeling.load_tokenizer(base), spec)
     export_dir = store.local_dir(checkpoint)
     reference = modeling.load_model(base, torch_device, dtype=torch.float32).model
-    candidate = load_nvfp4_model(export_dir, dtype=torch.float32).model.to(torch_device).eval()
+    candidate = load_nvfp4_model(export_dir, dtype=torch.float32, device=torch_device).model.eval()
     totals: dict[str, float] = {}
     with Progress("evaluate", windows.shape[0], key="evaluate") as bar:
         for window in windows:

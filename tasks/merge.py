@@ -121,7 +121,9 @@ def merge_amax(refs: dict[str, ArtifactRef], store: ArtifactStore) -> ArtifactRe
         save_state(merged, out)
         (out / "amax_table.json").write_text(json.dumps(table, indent=1))
         plot_amax_by_modality(table, labels, out / "amax_by_modality.png")
-        counts = {f"set_by_{label}": sum(1 for r in table if r["source"] == label) for label in labels}
+        # a metric name per source; MLflow allows no brackets: shard "text[1]" counts as "set_by_text.1"
+        counts = {f"set_by_{label.replace('[', '.').rstrip(']')}": sum(1 for r in table if r["source"] == label)
+                  for label in labels}
         return store.put_dir(out, MERGED_KIND, {"merged_from": labels, **counts, **amax_summary(merged)})
 
 

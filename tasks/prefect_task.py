@@ -8,21 +8,44 @@ a failed flow run reuses finished steps.
 
 Steps run in SERIALIZABLE transactions whose locks are leases (``quantdag.locks``): two runs that
 reach the same step with the same key compute it once, and a holder killed with ``kill -9`` frees
-the step when its lease expires. A step that takes a ``device`` argument loads a model, so it
-also holds one slot of each visible GPU's global concurrency limit while it runs.
+the step when its lease expires.
+
+A step that takes a ``device`` argument loads a model; :func:`_on_gpu` wraps it and, in order:
+
+1. takes the process-wide model lock (a ``threading.Lock``): one model step at a time per
+   process. ModelOpt's KV-cache quantization swaps transformers' module-global attention
+   function during each quantized forward, so two model steps in threads of one process
+   (``ThreadPoolTaskRunner``) must never overlap; steps that should run side by side on several
+   GPUs run in separate worker processes (``ProcessPoolTaskRunner``). The lock comes first so
+   that a thread waiting for it holds no GPU slot that another process could use.
+2. holds ONE free GPU among the visible ones (:func:`quantdag.locks.gpu_slots`: the slot of
+   its ``gpu-<i>`` global concurrency limit; waits while every visible GPU is taken) and, when
+   CUDA is available, makes it torch's current device (``torch.cuda.set_device``), so that
+   ``quantdag.modeling.pick_device`` (``cuda:<ordinal>``) and libraries that use the current
+   device put the model on it.
+3. after the step body, also when it fails: drops the local variables of the failed call's
+   frames (a traceback would keep the model alive), runs ``gc.collect()`` and, when CUDA is
+   available, ``torch.cuda.empty_cache()``, before it gives back the GPU slot and the lock,
+   so the next step in this process or on this GPU gets the GPU memory back.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
+import logging
 import os
+import sys
+import threading
 from typing import Any, Callable
 
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from quantdag.locks import LeaseLockManager, gpu_slots
+from quantdag.locks import GpuSlot, LeaseLockManager, gpu_slots
+
+log = logging.getLogger(__name__)
 
 CACHE_POLICY = ((INPUTS - "parent_run_id") + TASK_SOURCE).configure(
     lock_manager=LeaseLockManager(), isolation_level="SERIALIZABLE")
@@ -66,15 +89,94 @@ def quantdag_task(name: str, *, retries: int = 0, **kwargs: Any) -> Callable[[Ca
     return lambda fn: decorate(_on_gpu(fn) if "device" in inspect.signature(fn).parameters else fn)
 
 
+MODEL_LOCK = threading.Lock()
+"""Held by every model step of this process while it runs (see the module docstring)."""
+
+
 def _on_gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` run while holding this process's GPU slots (see :func:`quantdag.locks.gpu_slots`)."""
+    """``fn`` run under this process's model lock, on one held GPU, freeing its memory after.
+
+    See the module docstring for the order. The returned wrapper waits (no time limit) first for
+    :data:`MODEL_LOCK`, then for a free GPU slot.
+
+    Raises:
+        RuntimeError: from :func:`quantdag.locks.gpu_slots` when a visible GPU's concurrency limit
+            does not exist (names the ``prefect gcl create`` command); otherwise whatever ``fn``
+            raises.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from prefect.context import TaskRunContext
 
         context = TaskRunContext.get()
-        with gpu_slots(str(context.task_run.id) if context else None):
-            return fn(*args, **kwargs)
+        outer = sys.exception()
+        lock = _model_lock()  # looked up, never captured: worker processes unpickle this wrapper by value
+        if not lock.acquire(blocking=False):
+            log.info("%s waits for another model step of this process to finish", fn.__name__)
+            lock.acquire()
+        try:
+            with gpu_slots(str(context.task_run.id) if context else None) as slot:
+                try:
+                    _use_gpu(slot)
+                    return fn(*args, **kwargs)
+                except BaseException as err:
+                    _drop_locals(err, outer)
+                    raise
+                finally:
+                    _free_gpu_memory()
+        finally:
+            lock.release()
 
     return wrapper
+
+
+def _model_lock() -> threading.Lock:
+    """This process's :data:`MODEL_LOCK` (each process has its own)."""
+    return MODEL_LOCK
+
+
+def _use_gpu(slot: GpuSlot | None) -> None:
+    """Make the held GPU torch's current device in this thread (when CUDA is available)."""
+    import torch
+
+    if slot is not None and torch.cuda.is_available():
+        torch.cuda.set_device(slot.ordinal)
+
+
+_SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def _drop_locals(err: BaseException, outer: BaseException | None) -> None:
+    """Clear the local variables of the finished frames in ``err``'s tracebacks and its causes'.
+
+    Line numbers stay, so the traceback still prints; only what the frames referenced (a model,
+    its activations) is let go while Prefect keeps the exception in the task's state. Frames
+    still running, generator and coroutine frames (clearing a suspended one would close it) and
+    ``outer`` (the exception the caller was handling when the step started) are left alone.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        current = todo.pop()
+        if current is None or current is outer or id(current) in seen:
+            continue
+        seen.add(id(current))
+        tb = current.__traceback__
+        while tb is not None:
+            if not tb.tb_frame.f_code.co_flags & _SUSPENDABLE:
+                try:
+                    tb.tb_frame.clear()
+                except RuntimeError:  # still running (this wrapper's own frame)
+                    pass
+            tb = tb.tb_next
+        todo += [current.__cause__, current.__context__]
+
+
+def _free_gpu_memory() -> None:
+    """``gc.collect()``, then ``torch.cuda.empty_cache()`` when CUDA is available."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

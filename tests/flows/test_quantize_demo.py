@@ -139,3 +139,16 @@ def test_changing_eval_settings_reruns_only_evaluate(first_run, profile) -> None
     result = quantize(changed)
     recomputed = {step for step, hit in result["cached"].items() if not hit}
     assert recomputed == {"evaluate"}, f"expected only evaluate to recompute, got {sorted(recomputed)}"
+
+
+def test_calibration_in_worker_processes_gives_the_same_checkpoint(first_run, profile) -> None:
+    """``calibration_gpus: 2`` (here on the CPU): each branch and shard is a task of a pool of two
+    worker processes; merged by max, the export is the same bytes as the one-load run's."""
+    from flows.quantize import quantize
+
+    pooled = profile.model_copy(update={"calibration_gpus": 2, "text": profile.text.model_copy(update={"shards": 2})})
+    result = quantize(pooled)
+    calibrations = {"calibrate_image_text", "calibrate_text[0]", "calibrate_text[1]"}
+    assert calibrations <= set(result["cached"]), f"calibration steps: {sorted(result['cached'])}"
+    assert not any(result["cached"][step] for step in calibrations), result["cached"]
+    assert result["checkpoint"]["sha256"] == first_run["checkpoint"]["sha256"]

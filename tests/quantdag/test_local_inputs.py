@@ -28,3 +28,15 @@ def test_existing_and_remote_inputs_pass(tmp_path: Path) -> None:
                                              "text": {"path": str(tmp_path / "rows.jsonl")},
                                              "eval": {"path": "s3://bucket/eval.txt"}})
     assert missing_local_inputs(profile) == []
+
+
+def test_calibration_gpus_beyond_visible_gpus_is_refused(tmp_path: Path) -> None:
+    from quantdag.preflight import gpu_shortfall
+
+    profile = load_profile("demo", {"calibration_gpus": 2, "device": "cuda"})
+    problems = gpu_shortfall(profile, {"CUDA_VISIBLE_DEVICES": "0"})
+    assert len(problems) == 1 and "calibration_gpus 2" in problems[0] and "CUDA_VISIBLE_DEVICES=0" in problems[0]
+    assert gpu_shortfall(profile, {"CUDA_VISIBLE_DEVICES": "0,1"}) == []
+    assert gpu_shortfall(profile.model_copy(update={"calibration_gpus": 1}), {}) == []
+    with pytest.raises(ValueError, match="calibration_gpus"):
+        load_profile("demo", {"calibration_gpus": 0})

@@ -58,9 +58,14 @@ def task_result(flow_run_id: str, step: str) -> Any:
     import fsspec
     from prefect.results import ResultRecord
 
-    # a Cached state's metadata names the record's full key but no storage block: read it directly
-    key = run.state.data.storage_key
-    with fsspec.open(key, "rb") as handle:
+    metadata = run.state.data
+    if metadata.storage_block_id is not None:  # the record lies in the result storage block (S3)
+        from prefect.blocks.core import Block
+
+        block = Block.load_from_ref(metadata.storage_block_id)
+        return ResultRecord.deserialize(block.read_path(metadata.storage_key)).result
+    # a Cached state's metadata may name the record's full key and no storage block: read it directly
+    with fsspec.open(metadata.storage_key, "rb") as handle:
         return ResultRecord.deserialize(handle.read()).result
 
 
