@@ -82,6 +82,27 @@ def profile_path(name_or_path: str) -> Path:
     raise ValueError(f"profile {name_or_path!r} not found: give a YAML path or one of {list_profiles()}")
 
 
+class ProfileLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's integers: only plain decimals are numbers.
+
+    YAML 1.1 (PyYAML's default) reads ``0123456`` as octal 42798, ``0x1f`` as 31 and ``1_000`` as
+    1000, which would silently change a revision such as a short commit sha; here they stay
+    strings. (YAML 1.2 core schema, https://yaml.org/spec/1.2.2/#1032-tag-resolution.)
+    """
+
+
+ProfileLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ProfileLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"),
+                                    list("-+0123456789"))
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a profile or watch file with :class:`ProfileLoader`."""
+    return yaml.load(path.read_text(), Loader=ProfileLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_profile(name_or_path: str, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Profile:
     """Read, expand and validate a profile.
 
@@ -95,14 +116,15 @@ def load_profile(name_or_path: str, overrides: dict[str, Any] | None = None, env
             names each bad field by its dotted path.
     """
     path = profile_path(name_or_path)
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path) or {}
     if raw.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
         raise ValueError(f"{path}: schema_version {raw.get('schema_version')} is not {SCHEMA_VERSION}")
     data = deep_merge(expand(raw, env), overrides or {})
     try:
         return Profile.model_validate(data)
     except ValidationError as err:
-        raise ValueError(f"{path}: invalid profile:\n{describe(err)}") from err
+        where = f"{path} with overrides {overrides}" if overrides else str(path)
+        raise ValueError(f"{where}: invalid profile:\n{describe(err)}") from err
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -53,7 +53,8 @@ class BaseModelSpec(_Frozen):
         # int (kept: "12345"); a float cannot be turned back into the text that was meant
         # (a sha like 1234e56 reads as 1.234e59), so it is refused.
         if isinstance(value, float):
-            raise ValueError(f"base.revision {value!r} was read as a number: quote it, e.g. --param revision='\"1234e56\"'")
+            raise ValueError(f"base.revision {value!r} was read as a number: quote it (YAML: revision: \"1234e56\"; "
+                             f"deployment: --param revision='\"1234e56\"')")
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @model_validator(mode="after")

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
-from conf import describe, expand
+from conf import describe, expand, read_yaml
 
 WATCH_FILE = Path(__file__).resolve().parent / "watch.yaml"
 WATCH_SCHEMA_VERSION = 1
@@ -201,7 +200,7 @@ def load_watch(path: str | Path | None = None, env: dict[str, str] | None = None
     path = Path(path) if path is not None else WATCH_FILE
     if not path.is_file():
         raise ValueError(f"watch list {path} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path) or {}
     if raw.get("schema_version", WATCH_SCHEMA_VERSION) != WATCH_SCHEMA_VERSION:
         raise ValueError(f"{path}: schema_version {raw.get('schema_version')} is not {WATCH_SCHEMA_VERSION}")
     try:

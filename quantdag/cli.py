@@ -71,7 +71,20 @@ def show(profile: str, set_: Annotated[list[str], typer.Option("--set", help="do
 def run(profile: str, set_: Annotated[list[str], typer.Option("--set", help="dotted.key=value override")] = []) -> None:
     """Run the quantize flow in this process on PROFILE (a shipped name or a YAML path)."""
     resolved = _load(profile, set_)
-    _print_result(_run_flow(resolved), resolved)
+    _print_result(_run_flow_or_exit(resolved), resolved)
+
+
+def _run_flow_or_exit(profile: Any) -> dict[str, Any]:
+    """:func:`_run_flow`; a failed run ends the command with its error on one line (exit 1).
+
+    The flow's log above already holds the traceback; bad inputs, unreachable services and
+    failed checks (``ValueError``, ``RuntimeError`` and their kin) are not repeated as one.
+    """
+    try:
+        return _run_flow(profile)
+    except (ValueError, RuntimeError, OSError) as err:
+        typer.echo(f"error: quantize {profile.name} failed: {type(err).__name__}: {err}", err=True)
+        raise typer.Exit(1) from err
 
 
 def _run_flow(profile: Any) -> dict[str, Any]:
@@ -94,8 +107,18 @@ def _run_flow(profile: Any) -> dict[str, Any]:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             return quantize(profile)
     finally:
+        _drain_prefect_workers()  # while the API still answers: at exit they would retry it for a minute
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
+
+
+def _drain_prefect_workers(timeout: float = 30.0) -> None:
+    """Send the logs and events Prefect still holds in this process, then stop its senders."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout)
 
 
 def _print_result(result: dict[str, Any], profile: Any) -> None:
@@ -123,7 +146,7 @@ def demo(home: Annotated[Path | None, typer.Option(help="working directory (defa
 
     build_demo_workspace(home / "demo", rebuild=rebuild)
     resolved = _load("demo", [])
-    _print_result(_run_flow(resolved), resolved)
+    _print_result(_run_flow_or_exit(resolved), resolved)
 
 
 @app.command("fetch-smollm2")

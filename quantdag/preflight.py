@@ -147,6 +147,11 @@ def gpu_shortfall(profile: Profile, env: dict[str, str] | None = None) -> list[s
     """
     if profile.calibration_gpus == 1 or profile.device == "cpu":
         return []
+    if profile.device == "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            return []  # "auto" runs on the CPU here: worker processes, no GPUs to share
     visible = gpu_limit_names(env)
     if len(visible) >= profile.calibration_gpus:
         return []

@@ -349,13 +349,15 @@ class ArtifactStore:
 
 
 def _rename(src: Path, dst: str) -> bool:
-    """Rename ``src`` to ``dst``; False (nothing changed) when they cannot be on one filesystem."""
+    """Rename ``src`` to ``dst`` and make it 0644 like the store's copies (a writer's temporary file
+    may be 0600); False (nothing changed) when they cannot be on one filesystem."""
     try:
         os.rename(src, dst)
     except OSError as exc:
         if exc.errno in _NO_RENAME:
             return False
         raise
+    os.chmod(dst, 0o644)
     return True
 
 

@@ -82,3 +82,14 @@ def test_deep_merge_overrides_only_leaves() -> None:
 def test_unknown_profile_lists_shipped_ones() -> None:
     with pytest.raises(ValueError, match="demo"):
         load_profile("no-such-profile")
+
+
+@pytest.mark.parametrize("written", ["0123456", "0x1f", "1_000", "0o17"])
+def test_yaml_revision_that_yaml_1_1_reads_as_a_number_stays_the_text_written(tmp_path, written: str) -> None:
+    from conf import profile_path
+
+    text = profile_path("demo").read_text()
+    assert "\nbase:\n" in text, "the demo profile's base section moved; adapt this test"
+    path = tmp_path / "pinned.yaml"
+    path.write_text(text.replace("\nbase:\n", f"\nbase:\n  revision: {written}\n", 1))
+    assert load_profile(str(path)).base.revision == written

@@ -38,5 +38,9 @@ def test_calibration_gpus_beyond_visible_gpus_is_refused(tmp_path: Path) -> None
     assert len(problems) == 1 and "calibration_gpus 2" in problems[0] and "CUDA_VISIBLE_DEVICES=0" in problems[0]
     assert gpu_shortfall(profile, {"CUDA_VISIBLE_DEVICES": "0,1"}) == []
     assert gpu_shortfall(profile.model_copy(update={"calibration_gpus": 1}), {}) == []
+    auto = profile.model_copy(update={"device": "auto"})
+    import torch
+
+    assert bool(gpu_shortfall(auto, {})) == torch.cuda.is_available(), "device auto on a CPU-only host needs no GPUs"
     with pytest.raises(ValueError, match="calibration_gpus"):
         load_profile("demo", {"calibration_gpus": 0})

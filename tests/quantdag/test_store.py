@@ -162,11 +162,13 @@ def test_move_from_scratch_dir_renames_the_files_into_the_store(tmp_path: Path) 
         for rel, data in _TREE.items():
             (scratch / rel).parent.mkdir(parents=True, exist_ok=True)
             (scratch / rel).write_bytes(data)
+            (scratch / rel).chmod(0o600)  # as a writer's temporary file may be
         inodes = {rel: os.stat(scratch / rel).st_ino for rel in _TREE}
         ref = store.put_dir(scratch, "checkpoint", move=True)
         for rel in _TREE:
             stored = os.stat(Path(ref.uri) / rel)
             assert stored.st_ino == inodes[rel], f"{rel} was copied, not renamed"
+            assert stored.st_mode & 0o777 == 0o644, f"{rel} is {oct(stored.st_mode)}: others cannot read it"
             assert stored.st_nlink == 1, f"{rel} still has a second name"
             assert not (scratch / rel).exists(), "move=True consumes the source"
     assert not scratch.exists(), "the scratch dir is removed on exit"
