@@ -64,17 +64,13 @@ def ensure_gpu_limits(devices: str) -> list[str]:
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectNotFound
 
-    from quantdag.locks import gpu_limit_names
+    from quantdag.locks import gpu_limit_names, missing_gpu_limits
 
     names = gpu_limit_names({"CUDA_VISIBLE_DEVICES": devices})
     with get_client(sync_client=True) as client:
-        for name in names:
-            try:
-                client.read_global_concurrency_limit_by_name(name)
-            except ObjectNotFound:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        for name in missing_gpu_limits(names):
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
     return names
 
 

@@ -420,7 +420,7 @@ def _create_hint(names: list[str], reason: object) -> str:
     return f"GPU concurrency limits {names} could not be taken ({reason}); create them: {commands}"
 
 
-def _missing_limits(names: list[str]) -> list[str]:
+def missing_gpu_limits(names: list[str]) -> list[str]:
     """The names among ``names`` that have no global concurrency limit on the Prefect server."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
@@ -506,7 +506,7 @@ def gpu_slots(task_run_id: str | None = None, poll: float | None = None) -> Iter
     from prefect.concurrency.sync import concurrency
 
     logging.getLogger("prefect._internal.concurrency").addFilter(_QUIET_REFUSED_TRIES)  # added once
-    missing = _missing_limits(names)
+    missing = missing_gpu_limits(names)
     if missing:
         raise RuntimeError(_create_hint(missing, "no such limit"))
     holder = ConcurrencyLeaseHolder(type="task_run", id=task_run_id) if task_run_id else None
