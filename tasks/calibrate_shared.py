@@ -141,9 +141,7 @@ def calibrate_branches(base: BaseRef, rows: dict[str, ArtifactRef], recipe: Reci
             "calibrate_seconds": seconds,
             "tokens_per_second": stats[kind]["tokens"] / seconds if seconds else 0.0,
         })
-    del model, loaded
-    if torch_device.type == "cuda":  # a pooled worker process would otherwise keep the weights' memory cached
-        torch.cuda.empty_cache()
+    del model, loaded  # the task wrapper (tasks.prefect_task) then collects and empties the CUDA cache
     return refs
 
 
