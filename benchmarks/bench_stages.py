@@ -118,7 +118,7 @@ def calibration(spec: dict[str, Any]) -> dict[str, Any]:
     from conf.schema import RecipeSpec
     from quantdag.quantizer_state import collect_state
     from quantdag.recipe import build_quant_config
-    from tasks.calibrate_shared import fast_max_loop, recalibrate, reset_calibration
+    from tasks.calibrate_shared import fast_max_loop
 
     device = torch.device(spec["device"])
     base, rows, sources, store = _inputs(spec)
@@ -155,11 +155,7 @@ def calibration(spec: dict[str, Any]) -> dict[str, Any]:
         for kind, (loop, _) in loops.items():
             times = []
             for _ in range(spec.get("repeats", 2)):
-                reset_calibration(model)
-                record = {}
-                with _timed(record, "run", device):
-                    recalibrate(model, config["algorithm"], wrap(loop))
-                times.append(record["run"])
+                times.append(_timed_recalibration(model, config, wrap(loop), device))
             amax = collect_state(model)["amax"]
             reference.setdefault(kind, amax)
             differ = sorted(n for n in reference[kind] if not torch.equal(reference[kind][n], amax.get(n, torch.empty(0))))
@@ -174,12 +170,23 @@ def calibration(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _timed_recalibration(model: torch.nn.Module, config: dict[str, Any], loop: Callable[[torch.nn.Module], None],
+                         device: torch.device) -> dict[str, Any]:
+    """Forget the model's amax, run ModelOpt's max calibration with ``loop``; its seconds and peak memory."""
+    from tasks.calibrate_shared import recalibrate, reset_calibration
+
+    reset_calibration(model)
+    record: dict[str, Any] = {}
+    with _timed(record, "run", device):
+        recalibrate(model, config["algorithm"], loop)
+    return record["run"]
+
+
 def _steady_state(model: torch.nn.Module, config: dict[str, Any], loops: dict[str, Any], plain: dict[str, Any],
                   variants: dict[str, Callable[..., Any]], device: torch.device, passes: int = 3) -> dict[str, Any]:
     """Per-pass cost of calibration once its fixed cost is paid: one calibration with ``passes`` passes
     over the rows against one with a single pass; the difference / (passes - 1) is the marginal pass
     (same rows again: the amax cannot change). Ratio = plain forward pass seconds / marginal seconds."""
-    from tasks.calibrate_shared import recalibrate, reset_calibration
 
     def repeated(loop: Callable[[torch.nn.Module], None], times: int) -> Callable[[torch.nn.Module], None]:
         def run(calibrated: torch.nn.Module) -> None:
@@ -193,11 +200,7 @@ def _steady_state(model: torch.nn.Module, config: dict[str, Any], loops: dict[st
         for kind, (loop, _) in loops.items():
             seconds = {}
             for times in (1, passes):
-                reset_calibration(model)
-                record: dict[str, Any] = {}
-                with _timed(record, "run", device):
-                    recalibrate(model, config["algorithm"], wrap(repeated(loop, times)))
-                seconds[times] = record["run"]["seconds"]
+                seconds[times] = _timed_recalibration(model, config, wrap(repeated(loop, times)), device)["seconds"]
             marginal = (seconds[passes] - seconds[1]) / (passes - 1)
             out[name][kind] = {"one_pass_seconds": seconds[1], f"{passes}_pass_seconds": seconds[passes],
                                "marginal_pass_seconds": marginal, "fixed_seconds": seconds[1] - marginal,

@@ -88,14 +88,22 @@ def _hidden_states(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tens
     return [h.float() for h in out.hidden_states]
 
 
+def export_tensors(export_dir: Path, suffixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The export's tensors whose names end with one of ``suffixes``, read through the reader's
+    index (``quantdag.export_layout``: index file or every safetensors header)."""
+    from contextlib import ExitStack
+
+    from quantdag.export_layout import TensorReader, tensor_index
+
+    wanted = {k: info for k, info in tensor_index(export_dir).items() if k.endswith(suffixes)}
+    with ExitStack() as stack:
+        reader = TensorReader(wanted, stack)
+        return {key: reader[key] for key in wanted}
+
+
 def _scale_gaps(model: torch.nn.Module, export_dir: Path) -> dict[str, float]:
     """Largest relative gap between the unified in-memory scales and the exported ones."""
-    from safetensors import safe_open
-
-    scales: dict[str, torch.Tensor] = {}
-    for file in export_dir.glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as handle:
-            scales.update({k: handle.get_tensor(k) for k in handle.keys() if k.endswith(("input_scale", "weight_scale_2"))})
+    scales = export_tensors(export_dir, ("input_scale", "weight_scale_2"))
     gaps = {"input_scale": 0.0, "weight_scale_2": 0.0, "compared": 0.0}
     for name, module in model.named_modules():
         for suffix, quantizer in (("input_scale", "input_quantizer"), ("weight_scale_2", "weight_quantizer")):
@@ -171,12 +179,7 @@ def weight_differences(file_weights: dict[str, torch.Tensor], model: torch.nn.Mo
     where ``|W| / (float(weight_scale) * weight_scale_2)`` lies: on an E2M1 midpoint (a tie the two
     roundings break differently), within 1e-6 of one, or elsewhere.
     """
-    from safetensors import safe_open
-
-    scales: dict[str, torch.Tensor] = {}
-    for file in export_dir.glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as handle:
-            scales.update({k: handle.get_tensor(k) for k in handle.keys() if k.endswith(("weight_scale", "weight_scale_2"))})
+    scales = export_tensors(export_dir, ("weight_scale", "weight_scale_2"))
     totals = {"modules": 0, "modules_differing": 0, "elements": 0, "differing": 0, "ties": 0, "near_ties": 0, "other": 0}
     worst: list[tuple[int, str]] = []
     with torch.no_grad():
