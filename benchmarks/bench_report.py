@@ -171,7 +171,7 @@ def amax_agreement(workdir: Path) -> dict[str, Any]:
     """The flow's merged amax against the baseline's, bit for bit."""
     import torch
 
-    from quantdag.quantizer_state import STATE_FILE, load_state
+    from quantdag.calibration.quantizer_state import STATE_FILE, load_state
 
     merged, baseline = merged_state(workdir), workdir / "monolithic" / "state" / STATE_FILE
     if merged is None or not baseline.is_file():

@@ -60,8 +60,8 @@ def _profile(spec: dict[str, Any]) -> Any:
 
 def _inputs(spec: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any], Any]:
     """Base, rows and sources as the flow's fetch steps make them (in a store of the stage's own)."""
-    from quantdag.modeling import resolve_base
-    from quantdag.store import ArtifactStore
+    from quantdag.model.loading import resolve_base
+    from quantdag.runtime.store import ArtifactStore
     from tasks.fetch import fetch_image_text, fetch_text
 
     profile = _profile(spec)
@@ -85,7 +85,7 @@ def _loops(base: Any, rows: dict[str, Any], sources: dict[str, Any], store: Any,
 
 
 def _load(base: Any, device: torch.device) -> tuple[torch.nn.Module, float]:
-    from quantdag import modeling
+    from quantdag.model import loading as modeling
 
     loaded = modeling.load_model(base, device)
     if device.type == "cpu":
@@ -116,8 +116,8 @@ def calibration(spec: dict[str, Any]) -> dict[str, Any]:
     import modelopt.torch.quantization as mtq
 
     from conf.schema import RecipeSpec
-    from quantdag.quantizer_state import collect_state
-    from quantdag.recipe import build_quant_config
+    from quantdag.calibration.quantizer_state import collect_state
+    from quantdag.calibration.recipe import build_quant_config
     from tasks.calibrate_shared import fast_max_loop
 
     device = torch.device(spec["device"])
@@ -259,8 +259,8 @@ def warmup(spec: dict[str, Any]) -> dict[str, Any]:
     cache, so the stages after this one (baseline and flow alike) start with the same warm cache."""
     import modelopt.torch.quantization as mtq
 
-    from quantdag.fast_max import fast_max_loop
-    from quantdag.recipe import build_quant_config
+    from quantdag.calibration.fast_max import fast_max_loop
+    from quantdag.calibration.recipe import build_quant_config
 
     start = time.perf_counter()
     device = torch.device(spec["device"])
@@ -285,8 +285,8 @@ def monolithic(spec: dict[str, Any]) -> dict[str, Any]:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
 
-    from quantdag.quantizer_state import collect_state, save_state
-    from quantdag.recipe import build_quant_config
+    from quantdag.calibration.quantizer_state import collect_state, save_state
+    from quantdag.calibration.recipe import build_quant_config
     from tasks.export import MTP_PREFIX, copy_side_files, read_mtp_tensors
 
     device = torch.device(spec["device"])
@@ -329,7 +329,7 @@ def flow(spec: dict[str, Any], gpus: int = 1) -> dict[str, Any]:
     start = time.perf_counter()
     from benchmarks import bench_trace
     from flows.quantize import quantize
-    from quantdag.deploy import ensure_gpu_limits
+    from quantdag.runtime.deploy import ensure_gpu_limits
 
     imports = time.perf_counter() - start
     trace = Path(spec["trace"])

@@ -2,7 +2,7 @@
 
 :func:`install` wraps, by module attribute, the plain step functions that the Prefect tasks call
 (``tasks.calibrate_shared.calibrate_branches``, ``tasks.export.export_checkpoint``, ...) and the
-two model loaders (``quantdag.modeling.load_model``, ``quantdag.reader.load_nvfp4_model``). Each
+two model loaders (``quantdag.model.loading.load_model``, ``quantdag.format.reader.load_nvfp4_model``). Each
 call appends one JSON line to the trace file: what ran, in which process, for how long, and for
 steps the peak GPU memory the process allocated meanwhile. Task bodies and their cache keys are
 untouched (Prefect hashes the task functions, which look the step functions up at call time).
@@ -30,7 +30,7 @@ STEPS = {
     "tasks.audit": ("audit_checkpoint",),
     "tasks.evaluate": ("evaluate",),
 }
-LOADERS = {"quantdag.modeling": "load_model", "quantdag.reader": "load_nvfp4_model"}
+LOADERS = {"quantdag.model.loading": "load_model", "quantdag.format.reader": "load_nvfp4_model"}
 _MARK = "__bench_trace__"
 
 

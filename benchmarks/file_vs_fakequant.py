@@ -2,11 +2,11 @@
 
 Two implementations of the same NVFP4 model, both in float32 on one device:
 
-a. ``quantdag.reader.load_nvfp4_model``: the export's packed E2M1 weights and E4M3 block scales
+a. ``quantdag.format.reader.load_nvfp4_model``: the export's packed E2M1 weights and E4M3 block scales
    dequantized, activations fake-quantized per 16 elements against the exported
    ``input_scale``, K/V cast to FP8 E4M3 ("fp8_cast");
 b. ModelOpt's fake-quant model: the BF16 base upcast to float32, the calibration state restored
-   (``quantdag.quantizer_state.apply_state``), then the same amax unification that
+   (``quantdag.calibration.quantizer_state.apply_state``), then the same amax unification that
    ``export_hf_checkpoint`` performs before it writes (``requantize_resmooth_fused_llm_layers``:
    layers that read one input, q/k/v and gate/up, get the max of their input amax, fused
    siblings one weight amax). Without that step the in-memory model is not the file (DESIGN.md:
@@ -55,9 +55,9 @@ def quantize_and_export(base_dir: Path, ids: torch.Tensor, out: Path, device: to
     from modelopt.torch.export import export_hf_checkpoint
 
     from conf.schema import BaseModelSpec, RecipeSpec
-    from quantdag.modeling import load_model, resolve_base, text_decoder
-    from quantdag.quantizer_state import collect_state, save_state
-    from quantdag.recipe import build_quant_config
+    from quantdag.model.loading import load_model, resolve_base, text_decoder
+    from quantdag.calibration.quantizer_state import collect_state, save_state
+    from quantdag.calibration.recipe import build_quant_config
 
     model = load_model(resolve_base(BaseModelSpec(local_dir=str(base_dir))), device).model
     if device.type == "cpu":
@@ -90,10 +90,10 @@ def _hidden_states(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tens
 
 def export_tensors(export_dir: Path, suffixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The export's tensors whose names end with one of ``suffixes``, read through the reader's
-    index (``quantdag.export_layout``: index file or every safetensors header)."""
+    index (``quantdag.format.checkpoint``: index file or every safetensors header)."""
     from contextlib import ExitStack
 
-    from quantdag.export_layout import TensorReader, tensor_index
+    from quantdag.format.checkpoint import TensorReader, tensor_index
 
     wanted = {k: info for k, info in tensor_index(export_dir).items() if k.endswith(suffixes)}
     with ExitStack() as stack:
@@ -123,8 +123,8 @@ def unified_fakequant_model(base_dir: Path, state_path: Path, device: torch.devi
     from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
 
     from conf.schema import BaseModelSpec
-    from quantdag.modeling import load_model, resolve_base
-    from quantdag.quantizer_state import apply_state, load_state
+    from quantdag.model.loading import load_model, resolve_base
+    from quantdag.calibration.quantizer_state import apply_state, load_state
 
     model = load_model(resolve_base(BaseModelSpec(local_dir=str(base_dir))), device, dtype=torch.float32).model
     model = apply_state(model, load_state(state_path))
@@ -217,7 +217,7 @@ def compare(base_dir: Path, export_dir: Path, state_path: Path, ids: torch.Tenso
             device: torch.device) -> dict[str, Any]:
     """Logits of the file against ModelOpt's in-memory model, with the diagnostics that explain a gap.
 
-    a. the file through :func:`quantdag.reader.load_nvfp4_model` (float32);
+    a. the file through :func:`quantdag.format.reader.load_nvfp4_model` (float32);
     b. ModelOpt's unified fake-quant model (:func:`unified_fakequant_model`): weights through
        ModelOpt's weight fake quantization (its Triton kernel on CUDA), activations and K/V
        through its quantizers;
@@ -233,7 +233,7 @@ def compare(base_dir: Path, export_dir: Path, state_path: Path, ids: torch.Tenso
     """
     import modelopt.torch.quantization as mtq
 
-    from quantdag.reader import load_nvfp4_model
+    from quantdag.format.reader import load_nvfp4_model
 
     if device.type != "cuda":
         raise RuntimeError("ModelOpt's NVFP4 fake quantization runs on CUDA only; use --scales-only on a CPU")

@@ -1,6 +1,6 @@
 """Convert an llm-compressor NVFP4 checkpoint (compressed-tensors) into ModelOpt's export layout.
 
-The benchmark reads every NVFP4 checkpoint with the same code (``quantdag.reader``), which reads
+The benchmark reads every NVFP4 checkpoint with the same code (``quantdag.format.reader``), which reads
 NVIDIA Model Optimizer's unified Hugging Face export. llm-compressor saves NVFP4 through
 compressed-tensors' ``nvfp4-pack-quantized`` format instead. The two store the same numbers
 under other names, and the per-tensor scales are reciprocals of each other.
@@ -237,7 +237,7 @@ def convert_checkpoint(source_dir: str | Path, export_dir: str | Path, producer_
     """Write a ModelOpt-layout NVFP4 export from an llm-compressor ``save_compressed`` directory.
 
     Writes ``model.safetensors`` (one file: the benchmark's models are small), ``config.json``
-    without ``quantization_config`` (``quantdag.reader`` builds the plain model class from it),
+    without ``quantization_config`` (``quantdag.format.reader`` builds the plain model class from it),
     ``hf_quant_config.json``, and the tokenizer and generation files found in ``source_dir``.
 
     Args:

@@ -9,7 +9,7 @@ tokenizer and cut to 512 tokens, the same token ids for all three methods.
    ``calibrate`` (``text``) -> ``merge_amax`` -> ``export_checkpoint`` (ModelOpt under the hood,
    one model load per step).
 2. **plain ModelOpt**: one script, one model load: ``mtq.quantize`` with the same config
-   (``quantdag.recipe.build_quant_config``) and a forward loop over the same ids through the
+   (``quantdag.calibration.recipe.build_quant_config``) and a forward loop over the same ids through the
    decoder, then ``export_hf_checkpoint``. Run twice: calibrating in float32, as quantdag's
    ``calibrate`` does on a CPU (expected to equal 1; the max absolute differences of
    ``input_scale`` and ``weight_scale_2`` are reported), and in BF16, as a script that never
@@ -21,7 +21,7 @@ tokenizer and cut to 512 tokens, the same token ids for all three methods.
    checkpoint is converted to ModelOpt's layout by ``benchmarks/peer_convert.py`` (the global
    scales are the reciprocals of ModelOpt's).
 
-Every checkpoint is then read by ``quantdag.reader`` (E2M1 weights, E4M3 block scales, per-16
+Every checkpoint is then read by ``quantdag.format.reader`` (E2M1 weights, E4M3 block scales, per-16
 dynamic activation scales relative to ``input_scale``) and compared with the BF16 model on
 WikiText-2 windows by ``tasks.evaluate`` (``eval_windows``, ``compare_logits``, ``summarise``),
 float32 on the CPU. The profile's recipe also has an FP8 KV cache (``fp8_cast``); llm-compressor's
@@ -120,7 +120,7 @@ def run_plain_modelopt(profile: Any, base: Any, ids: list[torch.Tensor], out: Pa
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantdag.recipe import build_quant_config
+    from quantdag.calibration.recipe import build_quant_config
 
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(base.source_dir, gguf_file=base.gguf_file, dtype=torch.bfloat16).eval()
@@ -186,7 +186,7 @@ def run_llmcompressor(base: Any, ids: list[torch.Tensor], work: Path, venv: Path
         PeerUnavailable: any of the steps failed; the message gives the reason.
     """
     from benchmarks.peer_convert import convert_checkpoint
-    from quantdag import modeling
+    from quantdag.model import loading as modeling
 
     python = ensure_llmcompressor_venv(venv, work / "llmcompressor-pip.log")
     bf16 = work / "bf16-hf"
@@ -249,13 +249,13 @@ def evaluate_methods(base: Any, spec: Any, methods: list[Method]) -> dict[str, f
     """Fill each method's ``metrics`` on the same windows; returns the BF16 metrics.
 
     Every window goes through the float32 BF16-base model once and through each export (read by
-    ``quantdag.reader``, float32) once; ``eval_seconds`` is each model's own forward time. An
+    ``quantdag.format.reader``, float32) once; ``eval_seconds`` is each model's own forward time. An
     export whose safetensors are byte-identical to an earlier method's (same KV setting) is not
     run again: its metrics are copied and ``same_files_as`` names the method.
     """
-    from quantdag import modeling
-    from quantdag.reader import load_nvfp4_model
-    from quantdag.store import file_sha256
+    from quantdag.model import loading as modeling
+    from quantdag.format.reader import load_nvfp4_model
+    from quantdag.runtime.store import file_sha256
     from tasks.evaluate import compare_logits, eval_windows, load_eval_text, summarise
 
     windows = eval_windows(load_eval_text(spec), modeling.load_tokenizer(base), spec)
@@ -330,7 +330,7 @@ def _parse_args() -> argparse.Namespace:
 def _load_inputs(windows: int | None) -> tuple[Any, Any]:
     """The profile (eval windows overridden) and its resolved base; exits with a message when data is absent."""
     from conf import load_profile
-    from quantdag.modeling import resolve_base
+    from quantdag.model.loading import resolve_base
 
     profile = load_profile(PROFILE, overrides={"eval": {"max_windows": windows}} if windows else None)
     missing = [p for p in (profile.text.path, profile.eval.path) if not Path(p).is_file()]
@@ -347,8 +347,8 @@ def main() -> None:
     """Run the three methods, evaluate them, print the table and write the JSON."""
     args = _parse_args()
     profile, base = _load_inputs(args.windows)
-    from quantdag import modeling
-    from quantdag.store import ArtifactStore
+    from quantdag.model import loading as modeling
+    from quantdag.runtime.store import ArtifactStore
     from tasks.fetch import read_rows
 
     with tempfile.TemporaryDirectory(prefix="peer-smollm2-") as tmp:

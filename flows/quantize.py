@@ -7,7 +7,7 @@
 Every step is a cached Prefect task keyed on its inputs + source + code version. Tasks run in
 threads of the flow's process (``ThreadPoolTaskRunner``), so a rerun whose steps are all cached
 starts no worker process and loads no model. Steps that load a model take a process-wide lock
-and one GPU slot (``tasks/prefect_task.py``): ModelOpt's KV-cache quantization swaps
+and one GPU slot (``quantdag/runtime/prefect_task.py``): ModelOpt's KV-cache quantization swaps
 transformers' module-global attention function during each quantized forward, so two model steps
 never overlap in one process. With ``calibration_gpus: 1`` and no sharded branch both branches
 calibrate as one ``calibrate_branches`` task on one model load (``tasks/calibrate_shared.py``),
@@ -28,12 +28,12 @@ from prefect.context import get_run_context
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from conf.schema import Profile
-from flows.lineage import Lineage
-from quantdag.deploy import with_revision
-from quantdag.preflight import preflight_task
-from quantdag.reaper import end_tracking_hook, reap_stale_runs_task
-from quantdag.store import ArtifactStore
-from quantdag.version import code_version
+from quantdag.runtime.lineage import Lineage
+from quantdag.runtime.deploy import with_revision
+from quantdag.runtime.preflight import preflight_task
+from quantdag.runtime.reaper import end_tracking_hook, reap_stale_runs_task
+from quantdag.runtime.store import ArtifactStore
+from quantdag.runtime.version import code_version
 from tasks.audit import audit_task
 from tasks.calibrate import calibrate_image_text_task, calibrate_text_task
 from tasks.calibrate_shared import calibrate_branches_task

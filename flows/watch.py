@@ -17,8 +17,8 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
 
 from conf.watch import WatchConfig
-from tasks.hub_scan import scan_hub_task
-from tasks.hub_watch import failure_of_state, report_markdown, trigger_quantize_task
+from tasks.watch.hub_scan import scan_hub_task
+from tasks.watch.hub_watch import failure_of_state, report_markdown, trigger_quantize_task
 
 DEPLOYMENT_NAME = "watch-base-releases"
 

@@ -40,10 +40,10 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors import SafetensorError, safe_open
 
-from quantdag.modeling import BaseRef
-from quantdag.store import ArtifactRef, ArtifactStore
+from quantdag.model.loading import BaseRef
+from quantdag.runtime.store import ArtifactRef, ArtifactStore
 from tasks.audit_rules import RULES, is_linear_weight
-from tasks.prefect_task import quantdag_task
+from quantdag.runtime.prefect_task import quantdag_task
 
 REPORT_KIND = "audit-report"
 REPORT_FILE = "audit_report.json"

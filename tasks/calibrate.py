@@ -9,7 +9,7 @@ Two forward loops (:data:`CALIBRATORS`):
 - ``text``: each row's text is tokenized, cut to ``seq_len`` tokens and run through the language
   model alone (no vision tower, no lm_head).
 
-Only the quantizer state is written (``quantdag.quantizer_state``), never the model.
+Only the quantizer state is written (``quantdag.calibration.quantizer_state``), never the model.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from typing import Any, Callable
 import torch
 
 from conf.schema import ImageTextSource, RecipeSpec, TextSource
-from quantdag import modeling
-from quantdag.fast_max import ForwardLoop, fast_max_loop
-from quantdag.modeling import BaseRef
-from quantdag.progress import Progress
-from quantdag.quantizer_state import amax_summary, collect_state, require_valid_inputs, save_state
-from quantdag.recipe import build_quant_config
-from quantdag.store import ArtifactRef, ArtifactStore
+from quantdag.model import loading as modeling
+from quantdag.calibration.fast_max import ForwardLoop, fast_max_loop
+from quantdag.model.loading import BaseRef
+from quantdag.runtime.progress import Progress
+from quantdag.calibration.quantizer_state import amax_summary, collect_state, require_valid_inputs, save_state
+from quantdag.calibration.recipe import build_quant_config
+from quantdag.runtime.store import ArtifactRef, ArtifactStore
 from tasks.fetch import read_rows
-from tasks.prefect_task import quantdag_task
+from quantdag.runtime.prefect_task import quantdag_task
 
 STATE_KIND = "quantizer-state"
 
@@ -185,7 +185,7 @@ def calibrate(kind: str, base: BaseRef, rows_ref: ArtifactRef, recipe: RecipeSpe
         device: ``auto``, ``cpu`` or ``cuda``.
         shard, num_shards: calibrate on rows ``shard::num_shards`` only; the max-merge of all
             shards' states equals one pass over every row, bit for bit (each row runs alone).
-        fast: run the loop under :func:`quantdag.fast_max.fast_max_loop` (same amax, fewer kernels).
+        fast: run the loop under :func:`quantdag.calibration.fast_max.fast_max_loop` (same amax, fewer kernels).
 
     Returns:
         A ``quantizer-state`` artifact (``quantizer_state.pt`` + ``metrics.json``); ``meta`` holds

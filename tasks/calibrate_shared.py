@@ -14,7 +14,7 @@ equal to what :func:`tasks.calibrate.calibrate` writes for it in a process of it
   (the ``max_calibrate`` mode's ``convert``: what ``mtq.calibrate`` runs, without appending a
   second calibration mode to the model's ModelOpt state).
 
-Fast statistics: the data loops run under :func:`quantdag.fast_max.fast_max_loop` (same amax as
+Fast statistics: the data loops run under :func:`quantdag.calibration.fast_max.fast_max_loop` (same amax as
 ModelOpt's max calibration, fewer kernels, no host synchronisation).
 """
 
@@ -29,15 +29,15 @@ from typing import Any
 import torch
 
 from conf.schema import ImageTextSource, RecipeSpec, TextSource
-from quantdag import modeling
-from quantdag.fast_max import fast_max_loop, fast_max_statistics  # noqa: F401 (re-exported)
-from quantdag.modeling import BaseRef
-from quantdag.quantizer_state import amax_summary, collect_state, require_valid_inputs, save_state
-from quantdag.recipe import build_quant_config
-from quantdag.store import ArtifactRef, ArtifactStore
+from quantdag.model import loading as modeling
+from quantdag.calibration.fast_max import fast_max_loop, fast_max_statistics  # noqa: F401 (re-exported)
+from quantdag.model.loading import BaseRef
+from quantdag.calibration.quantizer_state import amax_summary, collect_state, require_valid_inputs, save_state
+from quantdag.calibration.recipe import build_quant_config
+from quantdag.runtime.store import ArtifactRef, ArtifactStore
 from tasks.calibrate import CALIBRATORS, STATE_KIND, ForwardLoop, check_vision
 from tasks.fetch import read_rows
-from tasks.prefect_task import quantdag_task
+from quantdag.runtime.prefect_task import quantdag_task
 
 _VISION_STATS = ("image_tokens", "vision_forward_calls", "vision_embeddings")
 
@@ -141,7 +141,7 @@ def calibrate_branches(base: BaseRef, rows: dict[str, ArtifactRef], recipe: Reci
             "calibrate_seconds": seconds,
             "tokens_per_second": stats[kind]["tokens"] / seconds if seconds else 0.0,
         })
-    del model, loaded  # the task wrapper (tasks.prefect_task) then collects and empties the CUDA cache
+    del model, loaded  # the task wrapper (quantdag.runtime.prefect_task) then collects and empties the CUDA cache
     return refs
 
 

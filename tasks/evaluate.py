@@ -1,6 +1,6 @@
 """Evaluate step: the EXPORTED NVFP4 checkpoint against its BF16 base on held-out text.
 
-The NVFP4 side is the exported files read by ``quantdag.reader`` (E2M1 weights with their E4M3
+The NVFP4 side is the exported files read by ``quantdag.format.reader`` (E2M1 weights with their E4M3
 block scales and FP32 global scale; activations fake-quantized per 16-element block with the
 exported ``input_scale``), so what is measured is the file that will be deployed, not ModelOpt's
 in-memory model (which export mutates and whose shared-input amax differ from the file). Both
@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from conf.schema import EvalSpec, ImageTextSource
-from quantdag import modeling
-from quantdag.modeling import BaseRef
-from quantdag.progress import Progress
-from quantdag.store import ArtifactRef, ArtifactStore
+from quantdag.model import loading as modeling
+from quantdag.model.loading import BaseRef
+from quantdag.runtime.progress import Progress
+from quantdag.runtime.store import ArtifactRef, ArtifactStore
 from tasks.fetch import read_rows
-from tasks.prefect_task import quantdag_task
+from quantdag.runtime.prefect_task import quantdag_task
 
 REPORT_KIND = "eval-report"
 
@@ -160,7 +160,7 @@ def evaluate(base: BaseRef, checkpoint: ArtifactRef, spec: EvalSpec, store: Arti
     Raises:
         ValueError: the eval text is too short (see :func:`eval_windows`).
     """
-    from quantdag.reader import load_nvfp4_model
+    from quantdag.format.reader import load_nvfp4_model
 
     start = time.perf_counter()
     torch_device = modeling.pick_device(device)

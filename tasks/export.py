@@ -23,12 +23,12 @@ import torch
 from safetensors import safe_open
 
 from conf.schema import RecipeSpec
-from quantdag import modeling
-from quantdag.modeling import BaseRef
-from quantdag.progress import Progress
-from quantdag.quantizer_state import STATE_FILE, apply_state, load_state
-from quantdag.store import ArtifactRef, ArtifactStore
-from tasks.prefect_task import quantdag_task
+from quantdag.model import loading as modeling
+from quantdag.model.loading import BaseRef
+from quantdag.runtime.progress import Progress
+from quantdag.calibration.quantizer_state import STATE_FILE, apply_state, load_state
+from quantdag.runtime.store import ArtifactRef, ArtifactStore
+from quantdag.runtime.prefect_task import quantdag_task
 
 CHECKPOINT_KIND = "checkpoint"
 MTP_PREFIX = "mtp."

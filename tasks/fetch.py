@@ -24,8 +24,8 @@ from typing import Any
 import fsspec
 
 from conf.schema import ImageTextSource, TextSource
-from quantdag.store import ArtifactRef, ArtifactStore
-from tasks.prefect_task import quantdag_task
+from quantdag.runtime.store import ArtifactRef, ArtifactStore
+from quantdag.runtime.prefect_task import quantdag_task
 
 IMAGE_TEXT_KIND = "image-text-rows"
 TEXT_KIND = "text-rows"

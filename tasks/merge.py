@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from quantdag.plots import plot_amax_by_modality
-from quantdag.quantizer_state import STATE_FILE, amax_summary, load_state, require_valid_inputs, save_state
-from quantdag.store import ArtifactRef, ArtifactStore
-from tasks.prefect_task import quantdag_task
+from quantdag.calibration.plots import plot_amax_by_modality
+from quantdag.calibration.quantizer_state import STATE_FILE, amax_summary, load_state, require_valid_inputs, save_state
+from quantdag.runtime.store import ArtifactRef, ArtifactStore
+from quantdag.runtime.prefect_task import quantdag_task
 
 MERGED_KIND = "quantizer-state"
 
@@ -28,7 +28,7 @@ def merge_states(states: list[dict[str, Any]], labels: list[str] | None = None) 
     """Merge quantizer states by element-wise max of each amax (pure; inputs untouched).
 
     Args:
-        states: two or more states from :func:`quantdag.quantizer_state.collect_state`; each
+        states: two or more states from :func:`quantdag.calibration.quantizer_state.collect_state`; each
             ``amax`` value is a float32 tensor (scalar for per-tensor quantizers).
         labels: names for the states in error messages (default ``state0``, ``state1``...).
 

@@ -10,12 +10,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import BaseModelSpec
-from quantdag.modeling import BaseRef, resolve_base
-from tasks.prefect_task import retry_transient
+from quantdag.model.loading import BaseRef, resolve_base
+from quantdag.runtime.prefect_task import retry_transient
 
 
 @task(name="resolve_base", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[10, 60],
       retry_condition_fn=retry_transient)
 def resolve_base_task(spec: BaseModelSpec) -> BaseRef:
-    """Prefect wrapper of :func:`quantdag.modeling.resolve_base`."""
+    """Prefect wrapper of :func:`quantdag.model.loading.resolve_base`."""
     return resolve_base(spec)

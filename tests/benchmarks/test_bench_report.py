@@ -75,7 +75,7 @@ def test_bytes_grow_with_decoder_layers_only() -> None:
 
 
 def test_trace_records_wrapped_calls(tmp_path: Path) -> None:
-    import quantdag.modeling as modeling
+    import quantdag.model.loading as modeling
 
     path = tmp_path / "trace.jsonl"
     original = modeling.pick_device

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantdag.nvfp4 import dequantize_weight, quantize_weight
+from quantdag.format.nvfp4 import dequantize_weight, quantize_weight
 
 _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "peer_convert.py"
 _SPEC = importlib.util.spec_from_file_location("peer_convert", _PATH)
@@ -121,7 +121,7 @@ def test_converted_checkpoint_reads_with_quantdag_reader(tmp_path: Path) -> None
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from quantdag.reader import NVFP4Linear, load_nvfp4_model
+    from quantdag.format.reader import NVFP4Linear, load_nvfp4_model
 
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)

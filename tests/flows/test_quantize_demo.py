@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from conf import load_profile
-from quantdag.store import ArtifactRef, ArtifactStore
+from quantdag.runtime.store import ArtifactRef, ArtifactStore
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from hub_mirror import HubMirror, serve_mirror
 
 from conf.watch import WatchConfig, load_watch
 from flows.watch import DEPLOYMENT_NAME, watch_base_releases, watch_deployment
-from tasks.hub_watch import VARIABLE_PREFIX, state_variable_name
+from tasks.watch.hub_watch import VARIABLE_PREFIX, state_variable_name
 
 PROFILE = "qwen3.6-27b-nvfp4"
 QUANTIZE = "quantize/qwen3-6-27b-nvfp4"
@@ -139,7 +139,7 @@ def test_new_matching_repo_triggers_and_non_matching_does_not(hub: HubMirror, qu
 
 
 def test_revision_already_exported_is_skipped(hub: HubMirror, quantize_deployment: UUID, mlflow_server: str) -> None:
-    from quantdag.tracking import Tracker
+    from quantdag.runtime.tracking import Tracker
 
     sha = _sha()
     hub.set_sha("Qwen/Qwen3.6-27B", sha)

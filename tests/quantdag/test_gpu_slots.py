@@ -18,12 +18,12 @@ from typing import Any, Callable, Iterator
 import pytest
 import torch
 
-from quantdag import modeling
-from quantdag.locks import GpuSlot, current_gpu, gpu_slots
+from quantdag.model import loading as modeling
+from quantdag.runtime.locks import GpuSlot, current_gpu, gpu_slots
 
 HOLDER = """
 import sys
-from quantdag.locks import gpu_slots
+from quantdag.runtime.locks import gpu_slots
 with gpu_slots(poll=0.2) as slot:
     print(slot.name, slot.ordinal, flush=True)
     sys.stdin.readline()

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from conf import load_profile
-from quantdag.preflight import PreflightError, missing_local_inputs, preflight
+from quantdag.runtime.preflight import PreflightError, missing_local_inputs, preflight
 
 
 def test_missing_local_inputs_are_named_by_field(tmp_path: Path) -> None:
@@ -31,7 +31,7 @@ def test_existing_and_remote_inputs_pass(tmp_path: Path) -> None:
 
 
 def test_calibration_gpus_beyond_visible_gpus_is_refused(tmp_path: Path) -> None:
-    from quantdag.preflight import gpu_shortfall
+    from quantdag.runtime.preflight import gpu_shortfall
 
     profile = load_profile("demo", {"calibration_gpus": 2, "device": "cuda"})
     problems = gpu_shortfall(profile, {"CUDA_VISIBLE_DEVICES": "0"})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantdag import nvfp4
+from quantdag.format import nvfp4
 
 F32 = np.float32
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from quantdag import nvfp4
-from quantdag.reader import NVFP4Linear, count_quantized, load_nvfp4_model
-from quantdag.testing import (
+from quantdag.format import nvfp4
+from quantdag.format.reader import NVFP4Linear, count_quantized, load_nvfp4_model
+from tiny_exports import (
     build_tiny_llama,
     build_tiny_qwen3_5,
     export_tiny_llama_nvfp4,

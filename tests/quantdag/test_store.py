@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from quantdag import store as store_module
-from quantdag.store import MANIFEST, ArtifactStore
+from quantdag.runtime import store as store_module
+from quantdag.runtime.store import MANIFEST, ArtifactStore
 
 
 def _make(tmp: Path, files: dict[str, bytes]) -> Path:

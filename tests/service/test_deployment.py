@@ -72,7 +72,7 @@ def first_run(stack: Stack):
 
 
 def test_first_run_writes_artifacts_results_and_lineage_to_s3_and_mlflow(stack: Stack, first_run) -> None:
-    from quantdag.store import ArtifactRef, ArtifactStore
+    from quantdag.runtime.store import ArtifactRef, ArtifactStore
 
     result = stack.flow_result(first_run)
     checkpoint = ArtifactRef(**result["checkpoint"])
@@ -163,7 +163,7 @@ def test_unreachable_s3_or_mlflow_fails_before_any_model_loads_naming_the_endpoi
 def test_kill_9_during_calibration_and_export_then_rerun_completes(stack: Stack) -> None:
     from prefect.client.orchestration import get_client
 
-    from quantdag.store import ArtifactRef, ArtifactStore
+    from quantdag.runtime.store import ArtifactRef, ArtifactStore
 
     fs = s3()
     # one more module kept in BF16, so that this checkpoint is new (the same recipe gives the same bytes)

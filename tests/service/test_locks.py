@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from quantdag.locks import LeaseLockManager, gpu_limit_names
+from quantdag.runtime.locks import LeaseLockManager, gpu_limit_names
 
 HOLDER = """
 import sys, time
-from quantdag.locks import LeaseLockManager
+from quantdag.runtime.locks import LeaseLockManager
 manager = LeaseLockManager(sys.argv[1], lease=2.0, poll=0.1)
 assert manager.acquire_lock("step-key", "holder-a")
 print("held", flush=True)
@@ -72,7 +72,7 @@ def test_gpu_limit_names_follow_cuda_visible_devices() -> None:
 
 
 def test_gpu_slot_on_a_missing_limit_fails_strictly_naming_the_fix(prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from quantdag.locks import gpu_slots
+    from quantdag.runtime.locks import gpu_slots
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "9")
     monkeypatch.setenv("QUANTDAG_GPU_LIMIT_PREFIX", "gpu-missing")

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from quantdag.deploy import result_storage_basepath, result_storage_block_name, with_revision
-from quantdag.preflight import PreflightError, check_s3, check_store, check_tracking
+from quantdag.runtime.deploy import result_storage_basepath, result_storage_block_name, with_revision
+from quantdag.runtime.preflight import PreflightError, check_s3, check_store, check_tracking
 
 
 def _dead_url() -> str:

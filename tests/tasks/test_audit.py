@@ -360,8 +360,8 @@ def test_a_base_without_safetensors_skips_the_mtp_comparison(llama: tuple[Path, 
 def test_audit_task_stores_the_report_and_raises_on_findings(
     llama: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from quantdag.modeling import BaseRef
-    from quantdag.store import ArtifactStore
+    from quantdag.model.loading import BaseRef
+    from quantdag.runtime.store import ArtifactStore
 
     export, base = llama
     store = ArtifactStore(str(tmp_path / "store"))

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from conf.schema import BaseModelSpec, ImageTextSource, RecipeSpec, TextSource
-from quantdag import modeling
-from quantdag.modeling import resolve_base
-from quantdag.quantizer_state import STATE_FILE, load_state
-from quantdag.recipe import build_quant_config
-from quantdag.store import ArtifactStore
+from quantdag.model import loading as modeling
+from quantdag.model.loading import resolve_base
+from quantdag.calibration.quantizer_state import STATE_FILE, load_state
+from quantdag.calibration.recipe import build_quant_config
+from quantdag.runtime.store import ArtifactStore
 from tasks.calibrate import calibrate
 from tasks.calibrate_shared import calibrate_branches, fast_max_loop, fast_max_statistics
 from tasks.fetch import fetch_image_text, fetch_text
@@ -144,7 +144,7 @@ def test_fast_and_plain_modelopt_agree_on_a_causal_lm(llama) -> None:
             for ids in _batches():
                 model(input_ids=ids)
 
-    from quantdag.quantizer_state import collect_state
+    from quantdag.calibration.quantizer_state import collect_state
 
     plain, fast = collect_state(_quantize(llama, loop)), collect_state(_quantize(llama, fast_max_loop(loop)))
     found = differences(plain, fast)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conf.schema import BaseModelSpec, RecipeSpec, TextSource
-from quantdag import modeling
-from quantdag.modeling import resolve_base
-from quantdag.quantizer_state import STATE_FILE, load_state
-from quantdag.store import ArtifactStore
+from quantdag.model import loading as modeling
+from quantdag.model.loading import resolve_base
+from quantdag.calibration.quantizer_state import STATE_FILE, load_state
+from quantdag.runtime.store import ArtifactStore
 from tasks.calibrate import calibrate
 from tasks.fetch import fetch_text
 from tiny_models import build_tiny_llama, write_corpus

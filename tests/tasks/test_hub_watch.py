@@ -15,8 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from conf import load_profile
 from conf.watch import PatternEntry, RepoEntry, WatchConfig, load_watch
-from tasks.hub_scan import Candidate, WatchError, WatchFailure, failure_from, hub_api, hub_token, scan_hub
-from tasks.hub_watch import already_exported, derived_name, run_profile, state_variable_name
+from tasks.watch.hub_scan import Candidate, WatchError, WatchFailure, failure_from, hub_api, hub_token, scan_hub
+from tasks.watch.hub_watch import already_exported, derived_name, run_profile, state_variable_name
 
 PROFILE = "qwen3.6-27b-nvfp4"
 
@@ -201,9 +201,9 @@ def test_token_comes_from_secret_block_then_environment(prefect_api: str, hub: H
 # --- the registry check (and the lineage it relies on) --------------------------------------------
 
 def test_registered_version_carries_the_base_sha_and_counts_as_exported(mlflow_server: str) -> None:
-    from flows.lineage import Lineage
-    from quantdag.modeling import BaseRef
-    from quantdag.store import ArtifactRef
+    from quantdag.runtime.lineage import Lineage
+    from quantdag.model.loading import BaseRef
+    from quantdag.runtime.store import ArtifactRef
 
     sha, model = _sha(), f"watch-test-{uuid.uuid4().hex[:8]}-nvfp4"
     profile = load_profile(PROFILE, {"tracking_uri": mlflow_server, "registered_model_name": model,

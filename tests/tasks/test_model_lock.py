@@ -14,9 +14,9 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from quantdag import modeling
-from quantdag.locks import GpuSlot, current_gpu, gpu_slots
-from tasks.prefect_task import _on_gpu
+from quantdag.model import loading as modeling
+from quantdag.runtime.locks import GpuSlot, current_gpu, gpu_slots
+from quantdag.runtime.prefect_task import _on_gpu
 
 
 @pytest.fixture

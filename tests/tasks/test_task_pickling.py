@@ -9,7 +9,7 @@ from tasks.calibrate import calibrate_image_text_task, calibrate_text_task
 from tasks.calibrate_shared import calibrate_branches_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
-from tasks.prefect_task import MODEL_LOCK
+from quantdag.runtime.prefect_task import MODEL_LOCK
 
 
 @pytest.mark.parametrize("task", [calibrate_text_task, calibrate_image_text_task, calibrate_branches_task,

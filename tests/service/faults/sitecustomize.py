@@ -16,7 +16,7 @@ _SPEC = os.environ.get("QUANTDAG_FAULT", "")
 _FLOW_RUN = os.environ.get("PREFECT__FLOW_RUN_ID", "")
 
 if _SPEC and _FLOW_RUN:
-    from quantdag import store as _store
+    from quantdag.runtime import store as _store
 
     _ACTION, _KIND = _SPEC.split(":", 1)
     _DIR = os.environ["QUANTDAG_FAULT_DIR"]

@@ -108,7 +108,7 @@ def pick_device(requested: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` -> CUDA; anything else as given.
 
     CUDA is ``cuda:<ordinal>`` of the GPU whose slot this task holds
-    (:func:`quantdag.locks.current_gpu`, taken by ``tasks.prefect_task``), else plain ``cuda``
+    (:func:`quantdag.runtime.locks.current_gpu`, taken by ``quantdag.runtime.prefect_task``), else plain ``cuda``
     (the current device).
 
     Raises:
@@ -119,7 +119,7 @@ def pick_device(requested: str) -> torch.device:
     if requested in ("auto", "cuda"):
         if not torch.cuda.is_available():
             return torch.device("cpu")
-        from quantdag.locks import current_gpu
+        from quantdag.runtime.locks import current_gpu
 
         slot = current_gpu()
         return torch.device("cuda", slot.ordinal) if slot is not None else torch.device("cuda")

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from conf.schema import Profile
-from quantdag.modeling import BaseRef
-from quantdag.secrets import redact
-from quantdag.store import ArtifactRef, ArtifactStore
-from quantdag.tracking import Tracker, flatten, numeric, prefect_run_url
+from quantdag.model.loading import BaseRef
+from quantdag.runtime.secrets import redact
+from quantdag.runtime.store import ArtifactRef, ArtifactStore
+from quantdag.runtime.tracking import Tracker, flatten, numeric, prefect_run_url
 
 log = logging.getLogger(__name__)
 

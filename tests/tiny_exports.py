@@ -1,7 +1,7 @@
 """Tiny NVFP4 exports made with ModelOpt on the CPU, for tests and benchmarks.
 
 Each builder makes a deterministic random BF16 model, calibrates it on random token ids with the
-project's default recipe (:func:`quantdag.recipe.build_quant_config` of ``RecipeSpec()``: NVFP4
+project's default recipe (:func:`quantdag.calibration.recipe.build_quant_config` of ``RecipeSpec()``: NVFP4
 W4A4, FP8 "fp8_cast" KV cache, the reference exclusions; max calibration runs on the CPU), and
 writes it with ``modelopt.torch.export.export_hf_checkpoint``. The matching ``build_*`` function
 rebuilds the same BF16 model, since export overwrites the in-memory weights with packed ones.
@@ -41,7 +41,7 @@ def _quantize_and_export(model: torch.nn.Module, out_dir: str | Path, seed: int)
     from modelopt.torch.export import export_hf_checkpoint
 
     from conf.schema import RecipeSpec
-    from quantdag.recipe import build_quant_config
+    from quantdag.calibration.recipe import build_quant_config
 
     batches = calibration_ids(seed)
 

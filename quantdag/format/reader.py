@@ -5,8 +5,8 @@ exported FILES: :func:`load_nvfp4_model` builds the transformers model from the 
 ``config.json``, dequantizes every NVFP4 linear layer into an :class:`NVFP4Linear` (which
 fake-quantizes its input at run time with the stored ``input_scale``), loads the excluded
 layers in high precision, and optionally fake-quantizes the FP8 KV cache. The format itself
-lives in :mod:`quantdag.nvfp4`, the checkpoint's file layout in :mod:`quantdag.export_layout`,
-the KV-cache emulation in :mod:`quantdag.fp8_kv`.
+lives in :mod:`quantdag.format.nvfp4`, the checkpoint's file layout in :mod:`quantdag.format.checkpoint`,
+the KV-cache emulation in :mod:`quantdag.format.fp8_kv`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantdag.export_layout import (
+from quantdag.format.checkpoint import (
     NVFP4_SUFFIXES,
     TensorReader,
     check_quant_config,
@@ -29,8 +29,8 @@ from quantdag.export_layout import (
     tensor_index,
     unloaded_keys,
 )
-from quantdag.fp8_kv import enable_fp8_kv
-from quantdag.nvfp4 import BLOCK_SIZE, dequantize_weight, fake_quantize_activation
+from quantdag.format.fp8_kv import enable_fp8_kv
+from quantdag.format.nvfp4 import BLOCK_SIZE, dequantize_weight, fake_quantize_activation
 
 __all__ = [
     "LoadedNVFP4Model",

@@ -20,7 +20,7 @@ _PACKAGES = ("quantdag", "tasks", "conf")
 def code_version() -> str:
     """``<package version>+<12 hex digits of sha256 over the sources>``, e.g. ``0.1.0+3fa2c9d01b7e``."""
     digest = hashlib.sha256()
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout (quantdag/runtime/version.py)
     for package in _PACKAGES:
         for file in sorted((root / package).rglob("*.py")):
             digest.update(file.relative_to(root).as_posix().encode())

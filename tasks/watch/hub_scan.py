@@ -2,7 +2,7 @@
 
 A scan asks the Hub (or the mirror in ``HF_ENDPOINT``) for the commit sha of every watched
 branch: exact repos directly, patterns by listing the author's repos and matching names. It
-returns a :class:`HubScan`: one :class:`Candidate` per (repo, sha) for :mod:`tasks.hub_watch` to
+returns a :class:`HubScan`: one :class:`Candidate` per (repo, sha) for :mod:`tasks.watch.hub_watch` to
 check and trigger, and one :class:`WatchFailure` per repo or pattern the Hub did not answer for
 (a failure keeps the repo and the HTTP status; one unreachable repo or a rate limit leaves the
 others alone).

@@ -1,7 +1,7 @@
 """The file layout of a ModelOpt NVFP4 Hugging Face export: which tensor is where and what it is.
 
 Reads only the export's JSON files and safetensors headers (no tensor data) and sorts every
-tensor into what :mod:`quantdag.reader` does with it, naming every tensor or module that does
+tensor into what :mod:`quantdag.format.reader` does with it, naming every tensor or module that does
 not fit the model class before anything is loaded. :class:`TensorReader` then reads tensors by
 name.
 
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantdag.nvfp4 import BLOCK_SIZE
+from quantdag.format.nvfp4 import BLOCK_SIZE
 
 NVFP4_SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "input_scale")
 KV_SCALE_SUFFIXES = {".k_proj.k_scale": 0, ".v_proj.v_scale": 1}

@@ -19,8 +19,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import Profile
-from quantdag.locks import gpu_limit_names
-from quantdag.secrets import redact
+from quantdag.runtime.locks import gpu_limit_names
+from quantdag.runtime.secrets import redact
 
 TIMEOUT_SECONDS = 5.0
 
@@ -142,7 +142,7 @@ def missing_local_inputs(profile: Profile) -> list[str]:
 def gpu_shortfall(profile: Profile, env: dict[str, str] | None = None) -> list[str]:
     """One line when ``calibration_gpus`` asks for more GPUs than this process may take slots of.
 
-    The GPUs are the entries of ``CUDA_VISIBLE_DEVICES`` (``quantdag.locks.gpu_limit_names``);
+    The GPUs are the entries of ``CUDA_VISIBLE_DEVICES`` (``quantdag.runtime.locks.gpu_limit_names``);
     without it every worker process would pick the same GPU.
     """
     if profile.calibration_gpus == 1 or profile.device == "cpu":

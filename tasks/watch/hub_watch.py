@@ -1,4 +1,4 @@
-"""Watch step: start the quantize deployment once per (repo, sha) that :mod:`tasks.hub_scan` found.
+"""Watch step: start the quantize deployment once per (repo, sha) that :mod:`tasks.watch.hub_scan` found.
 
 Each (repo, sha) of the scan goes through three guards before anything starts:
 
@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 from conf import load_profile
 from conf.schema import Profile
-from tasks.hub_scan import Candidate, WatchError, WatchFailure, failure_from
+from tasks.watch.hub_scan import Candidate, WatchError, WatchFailure, failure_from
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def run_profile(candidate: Candidate) -> Profile:
 def already_exported(tracking_uri: str, model_name: str, repo: str, sha: str) -> bool:
     """Whether the registry holds a version of ``model_name`` built from ``repo`` at commit ``sha``.
 
-    Reads the ``base_repo`` and ``base_revision_sha`` tags that ``flows.lineage.Lineage.register``
+    Reads the ``base_repo`` and ``base_revision_sha`` tags that ``quantdag.runtime.lineage.Lineage.register``
     puts on every model version. A model that does not exist yet has no versions.
 
     Args:

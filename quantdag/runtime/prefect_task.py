@@ -1,12 +1,12 @@
 """Shared Prefect settings for quantdag's tasks: cache policy, persistence, retries.
 
 Every step is cached across flow runs on its inputs plus its source plus the code version
-(``quantdag.version.code_version``), never on the flow-run id (Prefect's DEFAULT policy includes
+(``quantdag.runtime.version.code_version``), never on the flow-run id (Prefect's DEFAULT policy includes
 RUN_ID and so never hits across runs). MLflow's ``parent_run_id`` is excluded from the key: it
 differs per run but does not change what a step computes. Results are persisted so a UI Retry of
 a failed flow run reuses finished steps.
 
-Steps run in SERIALIZABLE transactions whose locks are leases (``quantdag.locks``): two runs that
+Steps run in SERIALIZABLE transactions whose locks are leases (``quantdag.runtime.locks``): two runs that
 reach the same step with the same key compute it once, and a holder killed with ``kill -9`` frees
 the step when its lease expires.
 
@@ -18,10 +18,10 @@ A step that takes a ``device`` argument loads a model; :func:`_on_gpu` wraps it 
    (``ThreadPoolTaskRunner``) must never overlap; steps that should run side by side on several
    GPUs run in separate worker processes (``ProcessPoolTaskRunner``). The lock comes first so
    that a thread waiting for it holds no GPU slot that another process could use.
-2. holds ONE free GPU among the visible ones (:func:`quantdag.locks.gpu_slots`: the slot of
+2. holds ONE free GPU among the visible ones (:func:`quantdag.runtime.locks.gpu_slots`: the slot of
    its ``gpu-<i>`` global concurrency limit; waits while every visible GPU is taken) and, when
    CUDA is available, makes it torch's current device (``torch.cuda.set_device``), so that
-   ``quantdag.modeling.pick_device`` (``cuda:<ordinal>``) and libraries that use the current
+   ``quantdag.model.loading.pick_device`` (``cuda:<ordinal>``) and libraries that use the current
    device put the model on it.
 3. after the step body, also when it fails: drops the local variables of the failed call's
    frames (a traceback would keep the model alive), runs ``gc.collect()`` and, when CUDA is
@@ -43,7 +43,7 @@ from typing import Any, Callable
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from quantdag.locks import GpuSlot, LeaseLockManager, gpu_slots
+from quantdag.runtime.locks import GpuSlot, LeaseLockManager, gpu_slots
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _on_gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
     :data:`MODEL_LOCK`, then for a free GPU slot.
 
     Raises:
-        RuntimeError: from :func:`quantdag.locks.gpu_slots` when a visible GPU's concurrency limit
+        RuntimeError: from :func:`quantdag.runtime.locks.gpu_slots` when a visible GPU's concurrency limit
             does not exist (names the ``prefect gcl create`` command); otherwise whatever ``fn``
             raises.
     """

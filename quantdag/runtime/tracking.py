@@ -10,7 +10,7 @@ A retried flow run (Prefect UI "Retry" keeps the flow-run id) reattaches to the 
 carries its ``prefect.flow_run_id`` tag instead of creating a second one.
 
 While a parent run is open, a :class:`Heartbeat` thread stamps its ``quantdag.heartbeat`` tag, so
-``quantdag.reaper`` can tell a run whose process was killed (no heartbeat) from a live one.
+``quantdag.runtime.reaper`` can tell a run whose process was killed (no heartbeat) from a live one.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from quantdag.secrets import redact
+from quantdag.runtime.secrets import redact
 
 EXPERIMENT = "quantdag"
 HEARTBEAT_TAG = "quantdag.heartbeat"

@@ -28,7 +28,7 @@ from typing import Any
 
 from conf import deep_merge, load_profile
 from conf.schema import Profile
-from quantdag.version import code_version
+from quantdag.runtime.version import code_version
 
 RESULTS_DIR = "prefect-results"
 
@@ -65,7 +65,7 @@ def ensure_gpu_limits(devices: str) -> list[str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-    from quantdag.locks import gpu_limit_names, missing_gpu_limits
+    from quantdag.runtime.locks import gpu_limit_names, missing_gpu_limits
 
     names = gpu_limit_names({"CUDA_VISIBLE_DEVICES": devices})
     with get_client(sync_client=True) as client:

@@ -8,7 +8,7 @@ keeps showing the flow run as Running, so the UI offers no Retry. Two mechanisms
   ends the run's MLflow records as FAILED or KILLED whenever Prefect gets to run a hook;
 - :func:`reap_stale_runs`, the first step of every quantize run, looks for RUNNING parent runs of
   OTHER flow runs and ends each whose Prefect flow run is over (COMPLETED -> FINISHED, FAILED ->
-  FAILED, CRASHED/CANCELLED -> KILLED) or whose heartbeat (``quantdag.tracking.Heartbeat``) is
+  FAILED, CRASHED/CANCELLED -> KILLED) or whose heartbeat (``quantdag.runtime.tracking.Heartbeat``) is
   older than :func:`stale_after`; a flow run still marked Running without a heartbeat is set to
   Crashed in Prefect so it can be retried.
 """
@@ -24,7 +24,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from quantdag.tracking import HEARTBEAT_TAG, Tracker, heartbeat_seconds
+from quantdag.runtime.tracking import HEARTBEAT_TAG, Tracker, heartbeat_seconds
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,8 @@ def end_tracking_hook(flow: Any, flow_run: Any, state: Any) -> None:
         uri = getattr(profile, "tracking_uri", None) or (profile or {}).get("tracking_uri")
         if not uri:
             return
-        from quantdag.preflight import check_tracking
-        from quantdag.tracking import Heartbeat
+        from quantdag.runtime.preflight import check_tracking
+        from quantdag.runtime.tracking import Heartbeat
 
         check_tracking(uri)  # fail in seconds, not after MLflow's minutes of connection retries
         tracker = Tracker(uri)
