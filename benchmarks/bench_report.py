@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 TARGETS = {"flow_vs_baseline": 1.05, "cached_vs_baseline": 0.02, "calibration_vs_plain": 0.9}
-STEP_FUNCTIONS = {"calibrate_branches": "calibrate_branches", "calibrate_image_text": "calibrate",
-                  "calibrate_text": "calibrate", "export": "export_checkpoint", "evaluate": "evaluate",
+STEP_FUNCTIONS = {"export": "export_checkpoint", "evaluate": "evaluate",
                   "audit": "audit_checkpoint", "merge_amax": "merge_amax", "fetch_text": "fetch_text",
                   "fetch_image_text": "fetch_image_text"}
 
@@ -34,14 +33,16 @@ def step_table(flow: dict[str, Any]) -> list[dict[str, Any]]:
     loads = [r for r in flow["trace"] if r["event"] != "step"]
     rows = []
     for run in flow["task_runs"]:
-        function = STEP_FUNCTIONS.get(run["task"])
+        # a calibration run is named after its branches: calibrate_image_text+text, calibrate_text[1]
+        labels = run["task"].removeprefix("calibrate_").split("+") if run["task"].startswith("calibrate") else []
+        function = "calibrate" if labels else STEP_FUNCTIONS.get(run["task"])
         mine = [c for c in calls if c["name"] == function and run["start"] and run["end"]
                 and run["start"] - 1 <= c["start"] <= run["end"]]
         mine_loads = [r for c in mine for r in loads
                       if r["pid"] == c["pid"] and c["start"] <= r["start"] <= c["start"] + c["seconds"]]
         children = [m for step, m in flow["step_metrics"].items()
                     if step == run["task"] or step.startswith(run["task"] + "[")
-                    or (run["task"] == "calibrate_branches" and step.startswith("calibrate_"))]
+                    or (labels and step.removeprefix("calibrate_") in labels)]
         tokens = sum(m.get("tokens", 0.0) for m in children)
         seconds = sum(m.get("calibrate_seconds", 0.0) for m in children)
         rows.append({
@@ -87,7 +88,7 @@ def calibration_ratios(calibration: dict[str, Any]) -> dict[str, dict[str, float
 
 def checkpoint_bytes(layers: int, tiny: bool) -> dict[str, float]:
     """Parameter bytes (BF16) of the checkpoint with ``layers`` decoder layers, built on the meta device."""
-    from quantdag.demo.tiny_model import Qwen35Dims, qwen3_5_config
+    from quantdag.demo.dims import Qwen35Dims, qwen3_5_config
     from quantdag.demo.weights import model_specs, mtp_specs
 
     dims = Qwen35Dims(num_hidden_layers=layers) if tiny else Qwen35Dims.qwen3_6_27b(layers)

@@ -7,7 +7,7 @@ Stages:
 
 - ``calibration``: one model load; plain forward speed of both calibration loops, then max
   calibration three ways (ModelOpt as is; weight quantizers off during the loop; the fast
-  statistics of ``tasks.calibrate_shared``), each branch re-calibrated from a clean slate and its
+  statistics of ``quantdag.calibration.fast_max``), each branch re-calibrated from a clean slate and its
   amax compared bit for bit with ModelOpt's; the vision tower's share of the image-text loop.
 - ``monolithic``: the baseline, one process, one load: ``mtq.quantize`` with the image-text and
   the text loop, then ``export_hf_checkpoint`` (with the ``mtp.*`` tensors and side files).
@@ -118,7 +118,7 @@ def calibration(spec: dict[str, Any]) -> dict[str, Any]:
     from conf.schema import RecipeSpec
     from quantdag.calibration.quantizer_state import collect_state
     from quantdag.calibration.recipe import build_quant_config
-    from tasks.calibrate_shared import fast_max_loop
+    from quantdag.calibration.fast_max import fast_max_loop
 
     device = torch.device(spec["device"])
     base, rows, sources, store = _inputs(spec)
@@ -173,7 +173,7 @@ def calibration(spec: dict[str, Any]) -> dict[str, Any]:
 def _timed_recalibration(model: torch.nn.Module, config: dict[str, Any], loop: Callable[[torch.nn.Module], None],
                          device: torch.device) -> dict[str, Any]:
     """Forget the model's amax, run ModelOpt's max calibration with ``loop``; its seconds and peak memory."""
-    from tasks.calibrate_shared import recalibrate, reset_calibration
+    from quantdag.calibration.session import recalibrate, reset_calibration
 
     reset_calibration(model)
     record: dict[str, Any] = {}
@@ -213,7 +213,7 @@ def _profile_pass(model: torch.nn.Module, config: dict[str, Any], loop: Callable
     """torch.profiler over one calibration: the operators that take the most device and host time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from tasks.calibrate_shared import recalibrate, reset_calibration
+    from quantdag.calibration.session import recalibrate, reset_calibration
 
     reset_calibration(model)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -1,7 +1,7 @@
 """Record what the quantize flow's steps do, in whichever process runs them (benchmark only).
 
 :func:`install` wraps, by module attribute, the plain step functions that the Prefect tasks call
-(``tasks.calibrate_shared.calibrate_branches``, ``tasks.export.export_checkpoint``, ...) and the
+(``tasks.calibrate.calibrate``, ``tasks.export.export_checkpoint``, ...) and the
 two model loaders (``quantdag.model.loading.load_model``, ``quantdag.format.reader.load_nvfp4_model``). Each
 call appends one JSON line to the trace file: what ran, in which process, for how long, and for
 steps the peak GPU memory the process allocated meanwhile. Task bodies and their cache keys are
@@ -24,7 +24,6 @@ from typing import Any, Callable
 STEPS = {
     "tasks.fetch": ("fetch_image_text", "fetch_text"),
     "tasks.calibrate": ("calibrate",),
-    "tasks.calibrate_shared": ("calibrate_branches",),
     "tasks.merge": ("merge_amax",),
     "tasks.export": ("export_checkpoint",),
     "tasks.audit": ("audit_checkpoint",),

@@ -46,7 +46,8 @@ def build_model(out_dir: Path, layers: int, *, tiny: bool = False, seed: int = 0
     Raises:
         ValueError: ``layers`` < 1 (from ``Qwen35Dims``) or a tokenizer file is missing.
     """
-    from quantdag.demo.tiny_model import Qwen35Dims, build_qwen3_5_checkpoint
+    from quantdag.demo.dims import Qwen35Dims
+    from quantdag.demo.tiny_model import build_qwen3_5_checkpoint
     from quantdag.demo.tokenizer import build_qwen3_5_tokenizer
 
     start = time.perf_counter()

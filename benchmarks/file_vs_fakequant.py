@@ -89,16 +89,12 @@ def _hidden_states(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tens
 
 
 def export_tensors(export_dir: Path, suffixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The export's tensors whose names end with one of ``suffixes``, read through the reader's
-    index (``quantdag.format.checkpoint``: index file or every safetensors header)."""
-    from contextlib import ExitStack
+    """The export's tensors whose names end with one of ``suffixes``, read through the project's
+    checkpoint view (``quantdag.format.checkpoint``: the index or ``model.safetensors``)."""
+    from quantdag.format.checkpoint import Checkpoint
 
-    from quantdag.format.checkpoint import TensorReader, tensor_index
-
-    wanted = {k: info for k, info in tensor_index(export_dir).items() if k.endswith(suffixes)}
-    with ExitStack() as stack:
-        reader = TensorReader(wanted, stack)
-        return {key: reader[key] for key in wanted}
+    checkpoint = Checkpoint(export_dir)
+    return dict(checkpoint.read(name for name in checkpoint.tensors if name.endswith(suffixes)))
 
 
 def _scale_gaps(model: torch.nn.Module, export_dir: Path) -> dict[str, float]:

@@ -11,7 +11,7 @@ artifacts on local disk, then runs, each in a process of its own (``benchmarks.b
 0. ``warmup``: both loops once, plain and calibrating, timings discarded (Triton's kernel cache
    is then warm for every later stage; run it first when ``calibration`` is left out);
 1. ``calibration``: plain BF16 forward speed of both calibration loops vs max calibration
-   (ModelOpt as is / weight quantizers off in the loop / ``tasks.calibrate_shared`` fast path);
+   (ModelOpt as is / weight quantizers off in the loop / ``quantdag.calibration.fast_max`` fast path);
 2. ``monolithic``: the baseline, load + ``mtq.quantize`` (image-text and text loops) + export;
 3. ``flow`` cold: ``flows.quantize.quantize`` on a fresh artifact store and result cache;
 4. ``flow`` cached: the same call again (every step a cache hit);

@@ -54,6 +54,8 @@ from typing import Any
 
 import torch
 
+from quantdag.format.checkpoint import Checkpoint
+
 CT_FORMAT = "nvfp4-pack-quantized"
 """compressed-tensors' format name for packed NVFP4 weights."""
 BLOCK_SIZE = 16
@@ -221,18 +223,6 @@ def modelopt_quant_config(quantization_config: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no safetensors files in {directory}")
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        tensors.update(load_file(str(file)))
-    return tensors
-
-
 def convert_checkpoint(source_dir: str | Path, export_dir: str | Path, producer_version: str | None = None) -> ConversionSummary:
     """Write a ModelOpt-layout NVFP4 export from an llm-compressor ``save_compressed`` directory.
 
@@ -242,7 +232,7 @@ def convert_checkpoint(source_dir: str | Path, export_dir: str | Path, producer_
 
     Args:
         source_dir: directory with ``config.json`` (compressed-tensors ``quantization_config``)
-            and ``*.safetensors``.
+            and ``model.safetensors`` (or ``model.safetensors.index.json`` and its shards).
         export_dir: destination; created if missing.
         producer_version: llm-compressor version recorded as the producer in ``hf_quant_config.json``.
 
@@ -251,7 +241,9 @@ def convert_checkpoint(source_dir: str | Path, export_dir: str | Path, producer_
 
     Raises:
         ValueError: see :func:`modelopt_quant_config` and :func:`convert_state_dict`; also when
-            ``config.json`` or the safetensors files are missing.
+            ``config.json`` is missing, and (``CheckpointFileError``) when neither
+            ``model.safetensors`` nor ``model.safetensors.index.json`` is there or a file is
+            malformed.
     """
     from safetensors.torch import save_file
 
@@ -263,7 +255,8 @@ def convert_checkpoint(source_dir: str | Path, export_dir: str | Path, producer_
     if "quantization_config" not in config:
         raise ValueError(f"{config_path} has no quantization_config: not a compressed checkpoint")
     section = modelopt_quant_config(config.pop("quantization_config"))
-    converted, modules = convert_state_dict(_read_tensors(source))
+    checkpoint = Checkpoint(source)
+    converted, modules = convert_state_dict(dict(checkpoint.read(checkpoint.tensors)))
     export.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in converted.items()}, str(export / "model.safetensors"), metadata={"format": "pt"})
     (export / "config.json").write_text(json.dumps(config, indent=2))

@@ -101,8 +101,8 @@ def run_quantdag(profile: Any, base: Any, store: Any) -> tuple[Path, float, Any]
 
     start = time.perf_counter()
     rows = fetch_text(profile.text, store)
-    state = calibrate("text", base, rows, profile.recipe, profile.text, store, device="cpu")
-    merged = merge_amax({"text": state}, store)
+    states = calibrate(base, {"text": rows}, profile.recipe, {"text": profile.text}, store, device="cpu")
+    merged = merge_amax(states, store)
     checkpoint = export_checkpoint(base, merged, profile.recipe, store, device="cpu")
     return store.local_dir(checkpoint), time.perf_counter() - start, rows
 

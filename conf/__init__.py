@@ -3,6 +3,11 @@
 ``load_profile("demo")`` reads ``conf/profiles/demo.yaml``; a path to any YAML file works too.
 ``${VAR}`` and ``${VAR:-default}`` in string values are expanded from the environment, so one
 profile serves machines with different directories (``QUANTDAG_HOME``, ``QUANTDAG_DATA``).
+
+The ``conf`` package is the bottom layer of the import order (see :mod:`quantdag`): the profile
+and watch-list schemas (:mod:`conf.schema`, :mod:`conf.watch`, both on
+:class:`conf.base.FrozenModel`), the ``QUANTDAG_*`` settings (:mod:`conf.settings`) and these
+loaders. It imports nothing of the project but itself; every other package may import it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import yaml
 from pydantic import ValidationError
 
 from conf.schema import SCHEMA_VERSION, Profile
+from conf.settings import settings
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 # innermost ${...} first: a default holds no '$', '{' or '}', so nested defaults expand inside out
@@ -23,16 +29,22 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^${}]*))?\}")
 
 
 def quantdag_home() -> Path:
-    """Working directory for models, data, artifacts and the MLflow DB: ``$QUANTDAG_HOME`` or ``~/.quantdag``."""
-    return Path(os.environ.get("QUANTDAG_HOME") or Path.home() / ".quantdag").expanduser().resolve()
+    """Working directory for models, data, artifacts and the MLflow DB: ``$QUANTDAG_HOME`` or ``~/.quantdag``.
+
+    Raises:
+        SettingsError: a ``QUANTDAG_*`` variable has a bad value (see :mod:`conf.settings`).
+    """
+    return settings().home_dir
 
 
 def default_env() -> dict[str, str]:
-    """Values used for ``${QUANTDAG_HOME}`` and ``${QUANTDAG_DATA}`` when the environment lacks them."""
-    return {
-        "QUANTDAG_HOME": str(quantdag_home()),
-        "QUANTDAG_DATA": str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"),
-    }
+    """Values used for ``${QUANTDAG_HOME}`` and ``${QUANTDAG_DATA}`` when the environment lacks them.
+
+    Raises:
+        SettingsError: a ``QUANTDAG_*`` variable has a bad value (see :mod:`conf.settings`).
+    """
+    knobs = settings()
+    return {"QUANTDAG_HOME": str(knobs.home_dir), "QUANTDAG_DATA": str(knobs.data_dir)}
 
 
 def expand(value: Any, env: dict[str, str] | None = None) -> Any:
@@ -40,6 +52,7 @@ def expand(value: Any, env: dict[str, str] | None = None) -> Any:
 
     Raises:
         ValueError: a variable without default is unset (names the variable).
+        SettingsError: a ``QUANTDAG_*`` knob has a bad value (a ``ValueError``; names each one).
     """
     env = {**default_env(), **os.environ, **(env or {})}
     if isinstance(value, dict):
@@ -113,7 +126,8 @@ def load_profile(name_or_path: str, overrides: dict[str, Any] | None = None, env
 
     Raises:
         ValueError: unknown profile, wrong ``schema_version``, or a validation error; the message
-            names each bad field by its dotted path.
+            names each bad field by its dotted path. A bad ``QUANTDAG_*`` knob raises
+            :class:`conf.settings.SettingsError`, a ``ValueError`` too.
     """
     path = profile_path(name_or_path)
     raw = read_yaml(path) or {}

@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from conf.base import FrozenModel
 
 SCHEMA_VERSION = 1
 
@@ -32,11 +34,7 @@ REFERENCE_EXCLUDE_MODULES: tuple[str, ...] = (
 )
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BaseModelSpec(_Frozen):
+class BaseModelSpec(FrozenModel):
     """Where the BF16 base checkpoint comes from: exactly one of ``repo_id``, ``local_dir``."""
 
     repo_id: str | None = Field(None, description="Hugging Face Hub repo id, e.g. Qwen/Qwen3.6-27B")
@@ -68,7 +66,7 @@ class BaseModelSpec(_Frozen):
         return self
 
 
-class RecipeSpec(_Frozen):
+class RecipeSpec(FrozenModel):
     """The quantization recipe: NVFP4 W4A4 on the language model, FP8 KV cache."""
 
     weights: Literal["nvfp4"] = "nvfp4"
@@ -90,7 +88,7 @@ class RecipeSpec(_Frozen):
         return value
 
 
-class ImageTextSource(_Frozen):
+class ImageTextSource(FrozenModel):
     """Image-text calibration rows in the Nemotron-VLM-Dataset-v2 layout.
 
     ``<subset>/<subset>.jsonl`` rows with chat ``messages`` and images in
@@ -117,7 +115,7 @@ class ImageTextSource(_Frozen):
         return self
 
 
-class TextSource(_Frozen):
+class TextSource(FrozenModel):
     """Text calibration rows in the ``abisee/cnn_dailymail`` schema (``article``, ``highlights``, ``id``)."""
 
     repo_id: str | None = "abisee/cnn_dailymail"
@@ -138,7 +136,7 @@ class TextSource(_Frozen):
         return self
 
 
-class EvalSpec(_Frozen):
+class EvalSpec(FrozenModel):
     """Held-out evaluation of NVFP4 vs BF16: plain text, and for VLMs image-text rows' answer tokens."""
 
     path: str | None = Field(None, description="raw text file (e.g. WikiText-2 wiki.test.raw)")
@@ -161,7 +159,7 @@ class EvalSpec(_Frozen):
 _NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
 
 
-class Profile(_Frozen):
+class Profile(FrozenModel):
     """One quantization run: base checkpoint, recipe, calibration data, evaluation, stores."""
 
     schema_version: Literal[1] = SCHEMA_VERSION

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
 
 from conf import describe, expand, read_yaml
+from conf.base import FrozenModel
 
 WATCH_FILE = Path(__file__).resolve().parent / "watch.yaml"
 WATCH_SCHEMA_VERSION = 1
@@ -26,11 +27,7 @@ _AUTHOR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SUFFIX = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class _Entry(_Frozen):
+class _Entry(FrozenModel):
     branch: str = Field("main", description="branch (or tag) whose commit sha is tracked")
     profile: str = Field(description="profile the quantize run starts from (name under conf/profiles or a path)")
     deployment: str | None = Field(
@@ -139,7 +136,7 @@ WatchEntry = Annotated[
 ]
 
 
-class WatchConfig(_Frozen):
+class WatchConfig(FrozenModel):
     """The watcher's schedule and watch list."""
 
     schema_version: Literal[1] = WATCH_SCHEMA_VERSION

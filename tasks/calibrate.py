@@ -1,6 +1,18 @@
-"""Calibration steps: load the BF16 base, insert quantizers, run a forward loop, save the state.
+"""Calibration step: load the BF16 base once, calibrate one or more branches, save one state each.
 
-Two forward loops (:data:`CALIBRATORS`):
+One call takes rows per branch (``image_text``, ``text``: :data:`CALIBRATORS`) and returns a
+quantizer state per branch label: the branch kind, or ``kind[i]`` for shard ``i`` of a branch
+split into shards (:func:`branch_label`). The same step serves every layout the flow
+makes (:func:`calibration_calls`): all branches in one call on one model load, or one call per
+branch shard, in the flow's process or in a pool of worker processes with a GPU each.
+
+On the one load the first branch runs ``mtq.quantize``; every later branch is reset and
+re-calibrated (``quantdag.calibration.session``), so each branch's state equals what a call of
+its own writes. The data loops run under :func:`quantdag.calibration.fast_max.fast_max_loop`
+(ModelOpt's amax, fewer kernels). Only the quantizer state is written
+(``quantdag.calibration.quantizer_state``), never the model.
+
+The two forward loops:
 
 - ``image_text``: each row goes through the base's processor (chat template -> ``input_ids`` with
   ``<|image_pad|>`` placeholders, ``pixel_values``, ``image_grid_thw``) and then the FULL VLM
@@ -8,8 +20,6 @@ Two forward loops (:data:`CALIBRATORS`):
   only text tokens after the last image are ever cut, image tokens never.
 - ``text``: each row's text is tokenized, cut to ``seq_len`` tokens and run through the language
   model alone (no vision tower, no lm_head).
-
-Only the quantizer state is written (``quantdag.calibration.quantizer_state``), never the model.
 """
 
 from __future__ import annotations
@@ -24,17 +34,30 @@ from typing import Any, Callable
 import torch
 
 from conf.schema import ImageTextSource, RecipeSpec, TextSource
-from quantdag.model import loading as modeling
 from quantdag.calibration.fast_max import ForwardLoop, fast_max_loop
-from quantdag.model.loading import BaseRef
-from quantdag.runtime.progress import Progress
 from quantdag.calibration.quantizer_state import amax_summary, collect_state, require_valid_inputs, save_state
 from quantdag.calibration.recipe import build_quant_config
+from quantdag.calibration.session import recalibrate, reset_calibration
+from quantdag.model import loading as modeling
+from quantdag.runtime import devices
+from quantdag.model.loading import BaseRef
+from quantdag.runtime.prefect_task import quantdag_task
+from quantdag.runtime.progress import Progress
 from quantdag.runtime.store import ArtifactRef, ArtifactStore
 from tasks.fetch import read_rows
-from quantdag.runtime.prefect_task import quantdag_task
 
 STATE_KIND = "quantizer-state"
+
+Shard = tuple[int, int]
+"""``(shard, num_shards)``: a branch calibrates on its rows ``shard::num_shards``."""
+
+VISION_STATS = ("image_tokens", "vision_forward_calls", "vision_embeddings")
+"""Statistics only the image-text loop fills."""
+
+
+def empty_stats() -> dict[str, float]:
+    """The counters a loop adds to: ``rows``, ``tokens`` and the :data:`VISION_STATS`, all 0."""
+    return {"rows": 0, "tokens": 0, **dict.fromkeys(VISION_STATS, 0)}
 
 
 def _downscale(image: Any, max_pixels: int) -> Any:
@@ -110,7 +133,8 @@ def image_text_loop(base: BaseRef, rows_dir: Path, rows: list[dict[str, Any]], s
     """Forward loop over image-text rows through the full VLM; fills ``stats`` as it runs.
 
     ``stats`` receives ``rows``, ``tokens``, ``image_tokens`` (``<|image_pad|>`` placeholders),
-    ``vision_forward_calls`` and ``vision_embeddings`` (merged patch embeddings produced).
+    ``vision_forward_calls`` and ``vision_embeddings`` (merged patch embeddings produced). The
+    loop raises TypeError when the model it is given has no ``model.visual``.
     """
     processor = modeling.load_processor(base)
     prepared = [_processor_inputs(processor, rows_dir, row, source) for row in rows]
@@ -170,44 +194,99 @@ def check_vision(stats: dict[str, float]) -> None:
         )
 
 
-def calibrate(kind: str, base: BaseRef, rows_ref: ArtifactRef, recipe: RecipeSpec,
-              source: ImageTextSource | TextSource, store: ArtifactStore, device: str = "auto",
-              shard: int = 0, num_shards: int = 1, fast: bool = True) -> ArtifactRef:
-    """Calibrate the base on one rows artifact and store the quantizer state.
+CALIBRATORS: dict[str, Callable[..., ForwardLoop]] = {
+    "image_text": image_text_loop,
+    "text": lambda base, rows_dir, rows, source, device, stats: text_loop(base, rows, source, device, stats),
+}
+"""Branch kind -> loop builder ``(base, rows_dir, rows, source, device, stats) -> ForwardLoop``."""
+
+
+def branch_label(kind: str, shard: int = 0, num_shards: int = 1) -> str:
+    """The label of a branch's state: ``kind``, or ``kind[shard]`` when the branch has several shards.
+
+    Merge labels its inputs with it (metric ``set_by_text.1`` for ``text[1]``) and the flow logs
+    each state as the MLflow child run ``calibrate_<label>``.
+    """
+    return kind if num_shards == 1 else f"{kind}[{shard}]"
+
+
+def calibration_calls(num_shards: dict[str, int], gpus: int) -> list[dict[str, Shard]]:
+    """How calibration splits into calls of :func:`calibrate`, each a task that loads the model once.
 
     Args:
-        kind: ``image_text`` or ``text`` (a key of :data:`CALIBRATORS`).
-        base: the resolved base checkpoint.
-        rows_ref: rows from the matching fetch step.
-        recipe: the quantization recipe.
-        source: the calibration source settings (sequence length, image size cap).
-        store: where the state goes.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        shard, num_shards: calibrate on rows ``shard::num_shards`` only; the max-merge of all
-            shards' states equals one pass over every row, bit for bit (each row runs alone).
-        fast: run the loop under :func:`quantdag.calibration.fast_max.fast_max_loop` (same amax, fewer kernels).
+        num_shards: branch kind -> its number of shards (``source.shards``), in branch order.
+        gpus: ``calibration_gpus``, how many calls may run at once.
 
     Returns:
-        A ``quantizer-state`` artifact (``quantizer_state.pt`` + ``metrics.json``); ``meta`` holds
-        the metrics: rows, tokens, seconds (load, calibrate), tokens_per_second, amax statistics,
-        and for image_text the vision-tower counts.
+        The ``shards`` argument of each call: every branch in ONE call when ``gpus`` is 1 and no
+        branch is sharded (one model load for all), otherwise one call per branch shard.
+    """
+    if gpus == 1 and all(count == 1 for count in num_shards.values()):
+        return [{kind: (0, 1) for kind in num_shards}]
+    return [{kind: (shard, count)} for kind, count in num_shards.items() for shard in range(count)]
+
+
+def _check_call(rows: dict[str, ArtifactRef], sources: dict[str, Any], shards: dict[str, Shard]) -> None:
+    """Raise ValueError naming every unknown kind, missing source and bad shard of one call."""
+    problems = [] if rows else ["no branch to calibrate"]
+    problems += [f"unknown calibration kind {kind!r} (kinds: {sorted(CALIBRATORS)})" for kind in rows if kind not in CALIBRATORS]
+    problems += [f"branch {kind!r} has rows but no source" for kind in rows if kind not in sources]
+    problems += [f"shards given for {kind!r}, which has no rows" for kind in shards if kind not in rows]
+    problems += [f"{kind}: shard {shard} is outside range(num_shards={count})"
+                 for kind, (shard, count) in shards.items() if not 0 <= shard < count]
+    if problems:
+        raise ValueError("calibrate: " + "; ".join(problems))
+
+
+def calibrate(base: BaseRef, rows: dict[str, ArtifactRef], recipe: RecipeSpec,
+              sources: dict[str, ImageTextSource | TextSource], store: ArtifactStore, device: str = "auto",
+              shards: dict[str, Shard] | None = None, fast: bool = True) -> dict[str, ArtifactRef]:
+    """Calibrate every branch in ``rows`` on one load of the base; store one quantizer state each.
+
+    Args:
+        base: the resolved base checkpoint.
+        rows: branch kind (``image_text``, ``text``) -> rows artifact of its fetch step, in the
+            order the branches run.
+        recipe: the quantization recipe.
+        sources: branch kind -> its calibration source settings (sequence length, image size cap).
+        store: where the states go.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        shards: branch kind -> ``(shard, num_shards)``: calibrate on that branch's rows
+            ``shard::num_shards`` only (default ``(0, 1)``, every row). The max-merge of all
+            shards' states equals one pass over every row, bit for bit (each row runs alone).
+        fast: run the loops under :func:`quantdag.calibration.fast_max.fast_max_loop` (same
+            amax, fewer kernels).
+
+    Returns:
+        Branch label (:func:`branch_label`) -> ``quantizer-state`` artifact
+        (``quantizer_state.pt`` + ``metrics.json``). Its ``meta`` holds ``kind``, ``shard``,
+        ``num_shards`` and the metrics: rows, tokens, seconds (``load_seconds``, 0 for every
+        branch but the first; ``calibrate_seconds``), tokens_per_second, ``model_loads`` (1 for
+        the first branch, 0 for the others), ``shared_branches`` (branches on this load), amax
+        statistics, and for image_text the vision-tower counts.
 
     Raises:
-        ValueError: unknown ``kind``; a shard outside ``range(num_shards)`` or with no rows; or
-            enabled input quantizers ended without a usable amax (each module named).
-        RuntimeError: image_text calibration did not run the vision tower.
+        ValueError: no branch, an unknown kind, a kind without its source, shards for a kind
+            without rows, a shard outside ``range(num_shards)`` (all of them named in one
+            message), a shard with no rows, or an enabled input quantizer without a usable amax
+            (each module named).
+        RuntimeError: the image-text branch did not run the vision tower.
     """
-    if kind not in CALIBRATORS:
-        raise ValueError(f"calibration kind {kind!r}: expected one of {sorted(CALIBRATORS)}")
-    torch_device = modeling.pick_device(device)
-    if not 0 <= shard < num_shards:
-        raise ValueError(f"shard {shard} is outside range(num_shards={num_shards})")
-    rows_dir, rows = read_rows(store, rows_ref)
-    rows = rows[shard::num_shards]
-    if not rows:
-        raise ValueError(f"{kind} shard {shard} of {num_shards} has no rows: lower {kind}.shards below num_samples")
-    stats: dict[str, float] = {"rows": 0, "tokens": 0, "image_tokens": 0, "vision_forward_calls": 0, "vision_embeddings": 0}
-    loop = CALIBRATORS[kind](base, rows_dir, rows, source, torch_device, stats)
+    shards = {kind: tuple(shard) for kind, shard in (shards or {}).items()}
+    _check_call(rows, sources, shards)
+    shards = {kind: shards.get(kind, (0, 1)) for kind in rows}
+    torch_device = devices.pick_device(device)
+    stats: dict[str, dict[str, float]] = {}
+    loops: dict[str, ForwardLoop] = {}
+    for kind, ref in rows.items():
+        shard, count = shards[kind]
+        rows_dir, kind_rows = read_rows(store, ref)
+        kind_rows = kind_rows[shard::count]
+        if not kind_rows:
+            raise ValueError(f"{kind} shard {shard} of {count} has no rows: lower {kind}.shards below num_samples")
+        stats[kind] = empty_stats()
+        loop = CALIBRATORS[kind](base, rows_dir, kind_rows, sources[kind], torch_device, stats[kind])
+        loops[kind] = fast_max_loop(loop) if fast else loop
     # CPUs have no fast BF16 matmul: there the BF16 weights are upcast (exactly) and activations
     # run in float32, so input amax carry no BF16 rounding; on CUDA the model runs in BF16.
     loaded = modeling.load_model(base, torch_device)
@@ -215,47 +294,53 @@ def calibrate(kind: str, base: BaseRef, rows_ref: ArtifactRef, recipe: RecipeSpe
         loaded.model.float()
     import modelopt.torch.quantization as mtq
 
-    start = time.perf_counter()
-    model = mtq.quantize(loaded.model, build_quant_config(recipe), forward_loop=fast_max_loop(loop) if fast else loop)
-    seconds = time.perf_counter() - start
-    if kind == "image_text":
-        check_vision(stats)
-    state = collect_state(model)
-    require_valid_inputs(state, where=f"calibrate_{kind}")
-    metrics = {
-        **stats,
-        "load_seconds": loaded.load_seconds,
-        "calibrate_seconds": seconds,
-        "tokens_per_second": stats["tokens"] / seconds if seconds else 0.0,
-        **amax_summary(state),
-    }
-    if kind == "text":
-        for key in ("image_tokens", "vision_forward_calls", "vision_embeddings"):
-            metrics.pop(key)
+    config, model, refs = build_quant_config(recipe), loaded.model, {}
+    for index, (kind, loop) in enumerate(loops.items()):
+        start = time.perf_counter()
+        if index == 0:
+            model = mtq.quantize(model, config, forward_loop=loop)
+        else:
+            reset_calibration(model)
+            recalibrate(model, config["algorithm"], loop)
+        seconds = time.perf_counter() - start
+        if kind == "image_text":
+            check_vision(stats[kind])
+        shard, count = shards[kind]
+        label = branch_label(kind, shard, count)
+        state = collect_state(model)
+        require_valid_inputs(state, where=f"calibrate_{label}")
+        metrics = {**stats[kind], "load_seconds": loaded.load_seconds if index == 0 else 0.0,
+                   "model_loads": 1.0 if index == 0 else 0.0, "shared_branches": float(len(loops)),
+                   "calibrate_seconds": seconds,
+                   "tokens_per_second": stats[kind]["tokens"] / seconds if seconds else 0.0, **amax_summary(state)}
+        if kind != "image_text":
+            for key in VISION_STATS:
+                metrics.pop(key)
+        refs[label] = _store_state(state, metrics, store, {"kind": kind, "shard": shard, "num_shards": count})
+    del model, loaded  # the task wrapper (quantdag.runtime.prefect_task) then collects and empties the CUDA cache
+    return refs
+
+
+def _store_state(state: dict[str, Any], metrics: dict[str, float], store: ArtifactStore,
+                 branch: dict[str, Any]) -> ArtifactRef:
+    """Store ``quantizer_state.pt`` + ``metrics.json``; ``meta`` is ``branch`` plus the metrics."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         save_state(state, out)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        return store.put_dir(out, STATE_KIND, {"kind": kind, "shard": shard, "num_shards": num_shards, **metrics})
+        return store.put_dir(out, STATE_KIND, {**branch, **metrics})
 
 
-CALIBRATORS: dict[str, Callable[..., ForwardLoop]] = {
-    "image_text": image_text_loop,
-    "text": lambda base, rows_dir, rows, source, device, stats: text_loop(base, rows, source, device, stats),
-}
+def run_name(parameters: dict[str, Any]) -> str:
+    """Task-run name of a call: ``calibrate_`` + its branch labels joined by ``+``
+    (``calibrate_image_text+text`` for one load of both, ``calibrate_text[1]`` for one shard)."""
+    shards = parameters.get("shards") or {}
+    return "calibrate_" + "+".join(branch_label(kind, *shards.get(kind, (0, 1))) for kind in parameters["rows"])
 
 
-@quantdag_task("calibrate_image_text")
-def calibrate_image_text_task(base: BaseRef, rows: ArtifactRef, recipe: RecipeSpec, source: ImageTextSource,
-                              artifact_store: str, device: str, code_version: str, shard: int = 0,
-                              num_shards: int = 1) -> ArtifactRef:
-    """Prefect wrapper of :func:`calibrate` for image-text rows through the full VLM."""
-    return calibrate("image_text", base, rows, recipe, source, ArtifactStore(artifact_store), device, shard, num_shards)
-
-
-@quantdag_task("calibrate_text")
-def calibrate_text_task(base: BaseRef, rows: ArtifactRef, recipe: RecipeSpec, source: TextSource,
-                        artifact_store: str, device: str, code_version: str, shard: int = 0,
-                        num_shards: int = 1) -> ArtifactRef:
-    """Prefect wrapper of :func:`calibrate` for text rows through the language model."""
-    return calibrate("text", base, rows, recipe, source, ArtifactStore(artifact_store), device, shard, num_shards)
+@quantdag_task("calibrate", model_step=True, task_run_name=run_name)
+def calibrate_task(base: BaseRef, rows: dict[str, ArtifactRef], recipe: RecipeSpec,
+                   sources: dict[str, ImageTextSource | TextSource], artifact_store: str, device: str,
+                   code_version: str, shards: dict[str, Shard] | None = None) -> dict[str, ArtifactRef]:
+    """Prefect wrapper of :func:`calibrate` (one model load for every branch of the call)."""
+    return calibrate(base, rows, recipe, sources, ArtifactStore(artifact_store), device, shards)

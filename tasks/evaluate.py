@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from conf.schema import EvalSpec, ImageTextSource
 from quantdag.model import loading as modeling
+from quantdag.runtime import devices
 from quantdag.model.loading import BaseRef
 from quantdag.runtime.progress import Progress
 from quantdag.runtime.store import ArtifactRef, ArtifactStore
@@ -163,7 +164,7 @@ def evaluate(base: BaseRef, checkpoint: ArtifactRef, spec: EvalSpec, store: Arti
     from quantdag.format.reader import load_nvfp4_model
 
     start = time.perf_counter()
-    torch_device = modeling.pick_device(device)
+    torch_device = devices.pick_device(device)
     windows = eval_windows(load_eval_text(spec), modeling.load_tokenizer(base), spec)
     export_dir = store.local_dir(checkpoint)
     reference = modeling.load_model(base, torch_device, dtype=torch.float32).model
@@ -206,7 +207,7 @@ def report_markdown(metrics: dict[str, float], spec: EvalSpec) -> str:
             f"(float32 compute; NVFP4 read from the exported files).\n\n| metric | value |\n|---|---|\n{rows}\n")
 
 
-@quantdag_task("evaluate")
+@quantdag_task("evaluate", model_step=True)
 def evaluate_task(base: BaseRef, checkpoint: ArtifactRef, spec: EvalSpec, artifact_store: str, device: str,
                   code_version: str, image_text_rows: ArtifactRef | None = None,
                   image_text_source: ImageTextSource | None = None) -> ArtifactRef:

@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from conf.schema import RecipeSpec
+from quantdag.format.checkpoint import Checkpoint
 from quantdag.model import loading as modeling
+from quantdag.runtime import devices
 from quantdag.model.loading import BaseRef
 from quantdag.runtime.progress import Progress
 from quantdag.calibration.quantizer_state import STATE_FILE, apply_state, load_state
@@ -40,24 +41,20 @@ _SIDE_FILES = (
 )
 
 
-def base_safetensors(source_dir: Path) -> list[Path]:
-    """The base's safetensors files (from the index when sharded), in shard order."""
-    index = source_dir / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [source_dir / shard for shard in shards]
-    return sorted(source_dir.glob("*.safetensors"))
-
-
 def read_mtp_tensors(source_dir: Path) -> dict[str, torch.Tensor]:
-    """Every ``mtp.*`` tensor of the base checkpoint, unchanged (dtype and bytes as stored)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for file in base_safetensors(source_dir):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                if key.startswith(MTP_PREFIX):
-                    tensors[key] = handle.get_tensor(key)
-    return tensors
+    """Every ``mtp.*`` tensor of the base checkpoint, unchanged (dtype and bytes as stored).
+
+    Args:
+        source_dir: the base's directory (``model.safetensors`` or an index and its shards).
+
+    Returns:
+        Tensor name -> tensor, ordered by shard file, then by name; empty when the base has none.
+
+    Raises:
+        CheckpointFileError: a safetensors file or the index is missing or malformed.
+    """
+    checkpoint = Checkpoint(source_dir)
+    return dict(checkpoint.read(name for name in checkpoint.tensors if name.startswith(MTP_PREFIX)))
 
 
 def copy_side_files(base: BaseRef, export_dir: Path) -> list[str]:
@@ -105,7 +102,7 @@ def export_checkpoint(base: BaseRef, state_ref: ArtifactRef, recipe: RecipeSpec,
     start = time.perf_counter()
     with Progress("export", 4, key="export") as bar:
         state = load_state(store.local_dir(state_ref) / STATE_FILE)
-        loaded = modeling.load_model(base, modeling.pick_device(device))
+        loaded = modeling.load_model(base, devices.pick_device(device))
         load_seconds = loaded.load_seconds
         bar.update()
         model = apply_state(loaded.model, state)
@@ -143,7 +140,7 @@ def export_checkpoint(base: BaseRef, state_ref: ArtifactRef, recipe: RecipeSpec,
             return store.put_dir(out, CHECKPOINT_KIND, meta, move=True)
 
 
-@quantdag_task("export")
+@quantdag_task("export", model_step=True)
 def export_task(base: BaseRef, state: ArtifactRef, recipe: RecipeSpec, artifact_store: str, device: str,
                 code_version: str) -> ArtifactRef:
     """Prefect wrapper of :func:`export_checkpoint`."""

@@ -1,10 +1,11 @@
-"""Tiny NVFP4 exports made with ModelOpt on the CPU, for tests and benchmarks.
+"""Tiny NVFP4 exports made with ModelOpt on the CPU, for tests.
 
-Each builder makes a deterministic random BF16 model, calibrates it on random token ids with the
-project's default recipe (:func:`quantdag.calibration.recipe.build_quant_config` of ``RecipeSpec()``: NVFP4
-W4A4, FP8 "fp8_cast" KV cache, the reference exclusions; max calibration runs on the CPU), and
-writes it with ``modelopt.torch.export.export_hf_checkpoint``. The matching ``build_*`` function
-rebuilds the same BF16 model, since export overwrites the in-memory weights with packed ones.
+Each exporter takes the deterministic random BF16 model of :mod:`tiny_models`, calibrates it on
+random token ids with the project's default recipe (:func:`quantdag.calibration.recipe.build_quant_config`
+of ``RecipeSpec()``: NVFP4 W4A4, FP8 "fp8_cast" KV cache, the reference exclusions; max
+calibration runs on the CPU), and writes it with ``modelopt.torch.export.export_hf_checkpoint``.
+The matching :mod:`tiny_models` builder rebuilds the same BF16 model, since export overwrites the
+in-memory weights with packed ones.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-TINY_VOCAB = 256
-"""Vocabulary size of the tiny models (token ids 0..255)."""
+from tiny_models import TINY_VOCAB, build_tiny_llama, build_tiny_qwen3_5
 
 
 def calibration_ids(
@@ -56,40 +56,6 @@ def _quantize_and_export(model: torch.nn.Module, out_dir: str | Path, seed: int)
     return out
 
 
-def build_tiny_llama(seed: int = 0, *, tie_word_embeddings: bool = False) -> torch.nn.Module:
-    """The BF16 ``LlamaForCausalLM`` that :func:`export_tiny_llama_nvfp4` quantizes.
-
-    Hidden 64, intermediate 128, 2 layers, 4 query and 2 KV heads of 16, vocabulary 256: every
-    linear's ``in_features`` is a multiple of 16.
-
-    Args:
-        seed: initialisation seed; the same seed gives the same weights.
-        tie_word_embeddings: share ``lm_head`` with the embeddings, as SmolLM2 does.
-
-    Returns:
-        The model in eval mode, built in ``bfloat16`` as ``from_pretrained(dtype=torch.bfloat16)``
-        would load it (rotary ``inv_freq`` stays float32), ``config.architectures`` set (export
-        needs it).
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=TINY_VOCAB,
-        max_position_embeddings=128,
-        architectures=["LlamaForCausalLM"],
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
-    return model.eval()
-
-
 def export_tiny_llama_nvfp4(
     out_dir: str | Path, seed: int = 0, *, tie_word_embeddings: bool = False
 ) -> Path:
@@ -110,47 +76,6 @@ def export_tiny_llama_nvfp4(
     """
     model = build_tiny_llama(seed, tie_word_embeddings=tie_word_embeddings)
     return _quantize_and_export(model, out_dir, seed)
-
-
-def build_tiny_qwen3_5(seed: int = 0) -> torch.nn.Module:
-    """A BF16 ``Qwen3_5ForConditionalGeneration`` small enough for CPU tests.
-
-    Language model: hidden 64, intermediate 128, 4 layers (3 Gated-DeltaNet linear attention, 1
-    full attention), vocabulary 256. Vision tower: 2 blocks of width 32, merged to 64.
-
-    Args:
-        seed: initialisation seed.
-
-    Returns:
-        The model in eval mode, built in ``bfloat16``, ``config.architectures`` set.
-    """
-    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
-
-    text = dict(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        layer_types=["linear_attention"] * 3 + ["full_attention"],
-        max_position_embeddings=256,
-    )
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
-    config = Qwen3_5Config(
-        text_config=text,
-        vision_config=vision,
-        architectures=["Qwen3_5ForConditionalGeneration"],
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3_5ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    return model.eval()
 
 
 def export_tiny_qwen3_5_nvfp4(out_dir: str | Path, seed: int = 0) -> Path:

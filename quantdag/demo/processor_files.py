@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from quantdag.demo import tokenizer as tok
 
 if TYPE_CHECKING:
-    from quantdag.demo.tiny_model import Qwen35Dims
+    from quantdag.demo.dims import Qwen35Dims
 
 IMAGE_MEAN = [0.5, 0.5, 0.5]
 IMAGE_STD = [0.5, 0.5, 0.5]

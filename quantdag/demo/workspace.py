@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 from quantdag.demo.corpus import write_eval_text, write_image_text_mirror, write_text_mirror
-from quantdag.demo.tiny_model import Qwen35Dims, build_qwen3_5_checkpoint
+from quantdag.demo.dims import Qwen35Dims
+from quantdag.demo.tiny_model import build_qwen3_5_checkpoint
 from quantdag.demo.tokenizer import build_qwen3_5_tokenizer
 
 MARKER = ".complete"

@@ -1,235 +1,250 @@
-"""The file layout of a ModelOpt NVFP4 Hugging Face export: which tensor is where and what it is.
+"""One read-only view of a Hugging Face safetensors checkpoint directory, sharded or not.
 
-Reads only the export's JSON files and safetensors headers (no tensor data) and sorts every
-tensor into what :mod:`quantdag.format.reader` does with it, naming every tensor or module that does
-not fit the model class before anything is loaded. :class:`TensorReader` then reads tensors by
-name.
+Every reader of a checkpoint in the project goes through :class:`Checkpoint` (the NVFP4 reader,
+the audit, the export step's ``mtp.*`` copy, the benchmarks):
 
-Layout (ModelOpt 0.47 unified HF export, ``hf_quant_config.json`` ``quant_algo`` ``NVFP4``), per
-quantized linear ``<m>``: ``<m>.weight`` uint8 ``[out, in/2]``, ``<m>.weight_scale``
-float8_e4m3fn ``[out, in/16]``, ``<m>.weight_scale_2`` and ``<m>.input_scale`` float32 scalars,
-optional ``<m>.bias``. A calibrated FP8 KV cache adds ``<attn>.k_proj.k_scale`` /
-``<attn>.v_proj.v_scale`` (amax / 448); with a constant amax ("fp8_cast") there are none and the
-scale is 1.
+- :attr:`Checkpoint.tensors`: every tensor's :class:`TensorInfo` (file, dtype tag, shape, bytes),
+  from ``model.safetensors.index.json`` and the safetensors headers; no tensor data is read.
+- :meth:`Checkpoint.read` and :meth:`Checkpoint.reader`: tensors by name, one at a time, from
+  memory-mapped files, so reading a 27B checkpoint needs memory for one tensor, not the model.
+- :meth:`Checkpoint.json` and :meth:`Checkpoint.quantization`: the JSON side files
+  (``config.json``, ``hf_quant_config.json``, the index).
+
+The tensors are those the index maps, else those of ``model.safetensors``, as transformers
+resolves them. A missing, unreadable or malformed file raises :class:`CheckpointFileError`
+naming it.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import os
 import struct
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from quantdag.format.nvfp4 import BLOCK_SIZE
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+QUANT_CONFIG_FILE = "hf_quant_config.json"
+_MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library refuses larger headers too
 
-NVFP4_SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "input_scale")
-KV_SCALE_SUFFIXES = {".k_proj.k_scale": 0, ".v_proj.v_scale": 1}
+
+class CheckpointFileError(ValueError):
+    """A checkpoint file is missing, unreadable or malformed.
+
+    Attributes:
+        path: the offending file: ``<label>:<name>`` (``export:config.json``) for a labelled
+            checkpoint, else its full path.
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One tensor's safetensors header entry."""
+    """One tensor's safetensors header entry.
 
-    file: Path
-    dtype: str  # safetensors dtype code: U8, F8_E4M3, BF16, F32, ...
+    ``str(info)`` is the dtype tag and shape, ``F8_E4M3[64, 4]``.
+    """
+
+    file: str  # safetensors file name inside the checkpoint directory
+    dtype: str  # safetensors dtype tag: U8, F8_E4M3, BF16, F32, ...
     shape: tuple[int, ...]
     nbytes: int
 
-
-@dataclass
-class Plan:
-    """Every checkpoint tensor sorted into what happens to it."""
-
-    quantized: dict[str, dict[str, str]] = field(default_factory=dict)  # module -> suffix -> key
-    kv_scales: dict[str, dict[int, str]] = field(default_factory=dict)  # attention -> 0/1 -> key
-    plain: list[str] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
+    def __str__(self) -> str:
+        return f"{self.dtype}{list(self.shape)}"
 
 
-def read_hf_quant_config(export_dir: str | Path) -> dict[str, Any]:
-    """Read the ``quantization`` section of an export's ``hf_quant_config.json``.
+class Checkpoint:
+    """Read-only view of a checkpoint directory; headers and JSON files are read once, on first use.
 
     Args:
-        export_dir: directory written by ``modelopt.torch.export.export_hf_checkpoint``.
-
-    Returns:
-        The section as a dict: ``quant_algo``, ``kv_cache_quant_algo``, ``group_size``,
-        ``exclude_modules``.
-
-    Raises:
-        ValueError: the file is missing or has no ``quantization`` section.
+        root: directory holding ``model.safetensors`` or ``model.safetensors.index.json`` and its
+            shards, and the JSON side files.
+        label: names the checkpoint in errors (``export``, ``base``); None names files by path.
     """
-    path = Path(export_dir) / "hf_quant_config.json"
-    if not path.is_file():
-        raise ValueError(f"{path} not found: export_dir must be a ModelOpt unified HF export")
-    section = json.loads(path.read_text()).get("quantization")
-    if not isinstance(section, dict):
-        raise ValueError(f"{path} has no 'quantization' section")
-    return section
 
+    def __init__(self, root: str | os.PathLike[str], label: str | None = None) -> None:
+        self.root = Path(root)
+        self.label = label
+        self._json: dict[str, dict[str, Any]] = {}
 
-def _read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return {
-        name: TensorInfo(path, meta["dtype"], tuple(meta["shape"]), end - start)
-        for name, meta in header.items()
-        for start, end in [meta["data_offsets"]]
-    }
+    def error(self, name: str, message: str) -> CheckpointFileError:
+        """The error for file ``name`` of this checkpoint."""
+        path = f"{self.label}:{name}" if self.label is not None else str(self.root / name)
+        return CheckpointFileError(path, message)
 
+    def json(self, name: str) -> dict[str, Any]:
+        """The JSON object in file ``name``.
 
-def tensor_index(export_dir: Path) -> dict[str, TensorInfo]:
-    """Every tensor of the export by name, from the index file or every ``*.safetensors`` header.
+        Raises:
+            CheckpointFileError: the file is missing, unreadable or not a JSON object.
+        """
+        if name not in self._json:
+            try:
+                data = json.loads((self.root / name).read_text())
+            except FileNotFoundError as err:
+                raise self.error(name, "file is missing") from err
+            except (OSError, ValueError) as err:
+                raise self.error(name, f"unreadable JSON ({err})") from err
+            if not isinstance(data, dict):
+                raise self.error(name, "is not a JSON object")
+            self._json[name] = data
+        return self._json[name]
 
-    Raises:
-        ValueError: the export has no safetensors files.
-    """
-    index_path = export_dir / "model.safetensors.index.json"
-    if index_path.is_file():
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        files = sorted({export_dir / name for name in weight_map.values()})
-    else:
-        files = sorted(export_dir.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no safetensors files in {export_dir}")
-    index: dict[str, TensorInfo] = {}
-    for path in files:
-        index.update(_read_safetensors_header(path))
-    return index
+    def quantization(self) -> dict[str, Any]:
+        """The ``quantization`` object of ``hf_quant_config.json`` (``quant_algo``, ...).
 
+        Raises:
+            CheckpointFileError: the file is missing or malformed or has no such object.
+        """
+        section = self.json(QUANT_CONFIG_FILE).get("quantization")
+        if not isinstance(section, dict):
+            raise self.error(QUANT_CONFIG_FILE, "has no 'quantization' object")
+        return section
 
-def model_class_and_config(export_dir: Path) -> tuple[type, Any]:
-    """The transformers class named by ``config.json``'s ``architectures[0]`` and the config.
+    def _files(self) -> dict[str, list[str] | None]:
+        """Safetensors file -> the tensor names the index maps there (None: every stored one)."""
+        if not (self.root / INDEX_FILE).is_file():
+            if not (self.root / SINGLE_FILE).is_file():
+                raise self.error(SINGLE_FILE, f"neither {SINGLE_FILE} nor {INDEX_FILE} exists")
+            return {SINGLE_FILE: None}
+        weight_map = self.json(INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise self.error(INDEX_FILE, "has no weight_map")
+        if not all(isinstance(file, str) for file in weight_map.values()):
+            raise self.error(INDEX_FILE, "weight_map maps a tensor to a non-string file name")
+        files: dict[str, list[str]] = defaultdict(list)
+        for name, file in weight_map.items():
+            files[file].append(name)
+        return dict(files)
 
-    ``quantization_config`` is dropped from the config, so transformers attaches no quantizer.
+    def _header(self, file: str) -> dict[str, TensorInfo]:
+        """Every tensor stored in ``file``, from its header alone."""
+        try:
+            with (self.root / file).open("rb") as handle:
+                data_bytes = os.fstat(handle.fileno()).st_size - 8
+                prefix = handle.read(8)
+                length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+                if not 0 < length <= min(data_bytes, _MAX_HEADER_BYTES):
+                    raise self.error(file, "not a safetensors file (bad header length)")
+                header = json.loads(handle.read(length))
+        except FileNotFoundError as err:
+            raise self.error(file, "file is missing") from err
+        except OSError as err:
+            raise self.error(file, f"unreadable ({err})") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise self.error(file, f"malformed safetensors header ({err})") from err
+        if not isinstance(header, dict):
+            raise self.error(file, "malformed safetensors header (not a JSON object)")
+        header.pop("__metadata__", None)
+        data_bytes -= length
+        infos = {}
+        for name, meta in header.items():
+            try:
+                start, end = (int(offset) for offset in meta["data_offsets"])
+                shape = tuple(int(size) for size in meta["shape"])
+                info = TensorInfo(file, str(meta["dtype"]), shape, end - start)
+                fits = 0 <= start <= end <= data_bytes
+            except (KeyError, TypeError, ValueError) as err:
+                raise self.error(file, f"malformed safetensors header entry {name!r}") from err
+            if not fits:
+                raise self.error(file, f"{name}: data offsets {start}..{end} past the data")
+            infos[name] = info
+        return infos
 
-    Raises:
-        ValueError: ``architectures`` names no transformers model class.
-    """
-    import transformers
+    @cached_property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor by name, from the headers only; ordered by file, then by name.
 
-    config = transformers.AutoConfig.from_pretrained(export_dir)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the reader dequantizes; no transformers quantizer
-    architectures = getattr(config, "architectures", None) or []
-    model_cls = getattr(transformers, architectures[0], None) if architectures else None
-    if model_cls is None:
-        raise ValueError(
-            f"{export_dir / 'config.json'}: 'architectures' {architectures} names no transformers "
-            "model class; set it to the class the checkpoint was exported from"
-        )
-    return model_cls, config
+        Raises:
+            CheckpointFileError: neither ``model.safetensors`` nor the index exists, the index has
+                no ``weight_map``, a file is missing or its header malformed, or a file lacks a
+                tensor the index maps to it.
+        """
+        tensors: dict[str, TensorInfo] = {}
+        for file, indexed in sorted(self._files().items()):
+            stored = self._header(file)
+            wanted = stored.keys() if indexed is None else indexed
+            missing = sorted(set(wanted) - stored.keys())
+            if missing:
+                raise self.error(file, f"lacks {len(missing)} indexed tensors: {missing[:3]}")
+            tensors.update((name, stored[name]) for name in sorted(wanted))
+        return tensors
 
+    @cached_property
+    def modules(self) -> dict[str, dict[str, TensorInfo]]:
+        """Tensors grouped by module: ``{module: {leaf: TensorInfo}}`` (leaf: ``weight``, ...)."""
+        grouped: dict[str, dict[str, TensorInfo]] = defaultdict(dict)
+        for name, info in self.tensors.items():
+            module, _, leaf = name.rpartition(".")
+            grouped[module][leaf] = info
+        return dict(grouped)
 
-def check_quant_config(section: dict[str, Any], export_dir: Path) -> None:
-    """Raise ValueError unless the ``quantization`` section is NVFP4 with group size 16."""
-    if section.get("quant_algo") != "NVFP4":
-        raise ValueError(
-            f"{export_dir}: quant_algo is {section.get('quant_algo')!r}; "
-            "this reader handles 'NVFP4' only"
-        )
-    if int(section.get("group_size", BLOCK_SIZE)) != BLOCK_SIZE:
-        raise ValueError(
-            f"{export_dir}: group_size {section.get('group_size')} is not NVFP4's {BLOCK_SIZE}"
-        )
+    def reader(self) -> TensorReader:
+        """A :class:`TensorReader` over this checkpoint; use it as a context manager."""
+        return TensorReader(self)
 
+    def read(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` in the given order, one tensor at a time, as stored.
 
-def plan_tensors(tensors: dict[str, TensorInfo], model: nn.Module, export_dir: Path) -> Plan:
-    """Sort the tensors; ValueError naming every tensor or module that does not fit."""
-    patterns = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
-    ignore = [re.compile(p) for p in patterns]
-    modules = dict(model.named_modules())
-    scale_suffix = ".weight_scale"
-    quantized_prefixes = {k[: -len(scale_suffix)] for k in tensors if k.endswith(scale_suffix)}
-    state_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    plan, problems = Plan(), []
-    for key in sorted(tensors):
-        if any(p.search(key) for p in ignore):
-            plan.ignored.append(key)
-            continue
-        prefix, _, suffix = key.rpartition(".")
-        if prefix in quantized_prefixes and suffix in (*NVFP4_SUFFIXES, "bias"):
-            plan.quantized.setdefault(prefix, {})[suffix] = key
-        elif (kv := next((s for s in KV_SCALE_SUFFIXES if key.endswith(s)), None)) is not None:
-            plan.kv_scales.setdefault(key.removesuffix(kv), {})[KV_SCALE_SUFFIXES[kv]] = key
-        elif key in state_shapes:
-            plan.plain.append(key)
-            if tensors[key].shape != state_shapes[key]:
-                problems.append(f"{key}: shape {tensors[key].shape}, model has {state_shapes[key]}")
-        else:
-            problems.append(f"{key}: not a parameter or buffer of {type(model).__name__}")
-    for prefix, parts in sorted(plan.quantized.items()):
-        module = modules.get(prefix)
-        missing = [s for s in NVFP4_SUFFIXES if s not in parts]
-        if not isinstance(module, nn.Linear):
-            problems.append(f"{prefix}: NVFP4 tensors for a module that is not an nn.Linear")
-        elif missing:
-            problems.append(f"{prefix}: NVFP4 tensors missing {missing}")
-        else:
-            infos = {suffix: tensors[key] for suffix, key in parts.items()}
-            problems.extend(_check_nvfp4_layout(prefix, module, infos))
-    for attention in plan.kv_scales:
-        if attention not in modules:
-            problems.append(f"{attention}: KV-cache scales for a module the model does not have")
-    if problems:
-        listing = "\n  ".join(problems)
-        raise ValueError(f"{export_dir} does not match {type(model).__name__}:\n  {listing}")
-    return plan
-
-
-def _check_nvfp4_layout(prefix: str, module: nn.Linear, parts: dict[str, TensorInfo]) -> list[str]:
-    out_f, in_f = module.out_features, module.in_features
-    expected = {
-        "weight": ("U8", (out_f, in_f // 2)),
-        "weight_scale": ("F8_E4M3", (out_f, in_f // BLOCK_SIZE)),
-        "weight_scale_2": ("F32", ()),
-        "input_scale": ("F32", ()),
-    }
-    problems = []
-    if in_f % BLOCK_SIZE:
-        problems.append(f"{prefix}: in_features {in_f} is not a multiple of {BLOCK_SIZE}")
-    for suffix, (dtype, shape) in expected.items():
-        info = parts[suffix]
-        scalar_ok = shape == () and info.shape == (1,)
-        if info.dtype != dtype or (info.shape != shape and not scalar_ok):
-            problems.append(
-                f"{prefix}.{suffix}: {info.dtype} {info.shape}, expected {dtype} {shape}"
-            )
-    return problems
-
-
-def unloaded_keys(model: nn.Module, plan: Plan) -> tuple[list[str], dict[str, str]]:
-    """Model keys the checkpoint does not provide: (missing, {tied target: its loaded source})."""
-    loaded = set(plan.plain)
-    for prefix, parts in plan.quantized.items():
-        loaded.update(f"{prefix}.{suffix}" for suffix in ("weight", "bias") if suffix in parts)
-    tied_map = getattr(model, "_tied_weights_keys", None)
-    tied_map = tied_map if isinstance(tied_map, dict) else {}
-    unloaded = sorted(k for k in model.state_dict() if k not in loaded)
-    tied = {k: tied_map[k] for k in unloaded if tied_map.get(k) in loaded}
-    return [k for k in unloaded if k not in tied], tied
+        Raises:
+            KeyError: a name is not a tensor of the checkpoint.
+            CheckpointFileError: a file cannot be opened or read.
+        """
+        with self.reader() as reader:
+            for name in names:
+                yield name, reader[name]
 
 
 class TensorReader:
-    """Reads tensors by name from the export's safetensors files, one open handle per file."""
+    """Tensors of one :class:`Checkpoint` by name; opens each file on first use, closes on exit."""
 
-    def __init__(self, tensors: dict[str, TensorInfo], stack: ExitStack) -> None:
-        """Open every file that holds one of ``tensors``; ``stack`` closes them."""
-        from safetensors import safe_open
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        """Open nothing yet; files are opened (memory-mapped) as their tensors are asked for."""
+        self._checkpoint = checkpoint
+        self._stack = ExitStack()
+        self._handles: dict[str, Any] = {}
 
-        self._tensors = tensors
-        self._handles = {
-            path: stack.enter_context(safe_open(str(path), framework="pt"))
-            for path in {info.file for info in tensors.values()}
-        }
+    def __enter__(self) -> TensorReader:
+        return self
 
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._handles[self._tensors[key].file].get_tensor(key)
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every open file."""
+        self._handles.clear()
+        self._stack.close()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` with its stored dtype and shape, on the CPU.
+
+        Raises:
+            KeyError: ``name`` is not a tensor of the checkpoint.
+            CheckpointFileError: its file cannot be opened or read.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        checkpoint = self._checkpoint
+        info = checkpoint.tensors.get(name)
+        if info is None:
+            raise KeyError(f"{name!r} is not a tensor of {checkpoint.root}")
+        try:
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = safe_open(str(checkpoint.root / info.file), framework="pt")
+                self._handles[info.file] = self._stack.enter_context(handle)
+            return handle.get_tensor(name)
+        except (OSError, SafetensorError) as err:
+            raise checkpoint.error(info.file, f"cannot read {name} ({err})") from err

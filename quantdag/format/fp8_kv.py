@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from quantdag.format.checkpoint import Plan, TensorReader
+from quantdag.format.checkpoint import TensorReader
+from quantdag.format.layout import Plan
 from quantdag.format.nvfp4 import E4M3_MAX, fake_quantize_e4m3
 
 _FP8_KV_ATTENTION_PREFIX = "fp8_kv_"

@@ -5,13 +5,13 @@ exported FILES: :func:`load_nvfp4_model` builds the transformers model from the 
 ``config.json``, dequantizes every NVFP4 linear layer into an :class:`NVFP4Linear` (which
 fake-quantizes its input at run time with the stored ``input_scale``), loads the excluded
 layers in high precision, and optionally fake-quantizes the FP8 KV cache. The format itself
-lives in :mod:`quantdag.format.nvfp4`, the checkpoint's file layout in :mod:`quantdag.format.checkpoint`,
-the KV-cache emulation in :mod:`quantdag.format.fp8_kv`.
+lives in :mod:`quantdag.format.nvfp4`, the files are read through :mod:`quantdag.format.checkpoint`,
+their NVFP4 layout is checked by :mod:`quantdag.format.layout`, and the KV-cache emulation is
+:mod:`quantdag.format.fp8_kv`.
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,17 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantdag.format.checkpoint import (
+from quantdag.format.checkpoint import Checkpoint
+from quantdag.format.fp8_kv import enable_fp8_kv
+from quantdag.format.layout import (
     NVFP4_SUFFIXES,
-    TensorReader,
     check_quant_config,
     model_class_and_config,
     plan_tensors,
-    read_hf_quant_config,
-    tensor_index,
     unloaded_keys,
 )
-from quantdag.format.fp8_kv import enable_fp8_kv
 from quantdag.format.nvfp4 import BLOCK_SIZE, dequantize_weight, fake_quantize_activation
 
 __all__ = [
@@ -37,7 +35,6 @@ __all__ = [
     "NVFP4Linear",
     "count_quantized",
     "load_nvfp4_model",
-    "read_hf_quant_config",
 ]
 
 
@@ -169,8 +166,8 @@ def load_nvfp4_model(
     from transformers.initialization import no_init_weights
 
     export_dir = Path(export_dir)
-    section = read_hf_quant_config(export_dir)
-    check_quant_config(section, export_dir)
+    checkpoint = Checkpoint(export_dir)
+    section = check_quant_config(checkpoint)
     kv_algo = section.get("kv_cache_quant_algo")
     if fake_quant_kv and kv_algo not in (None, "FP8"):
         raise ValueError(
@@ -179,18 +176,17 @@ def load_nvfp4_model(
         )
     exclude_modules = list(section.get("exclude_modules") or [])
     model_cls, config = model_class_and_config(export_dir)
-    tensors = tensor_index(export_dir)
+    checkpoint.tensors  # every header read (and checked) before the model is built
     device = torch.device(device)
     with no_init_weights(), device:
         model = model_cls._from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
-    plan = plan_tensors(tensors, model, export_dir)
+    plan = plan_tensors(checkpoint, model)
     missing, tied = unloaded_keys(model, plan)
     if missing:
         raise ValueError(f"{export_dir}: tensors missing for {type(model).__name__}: {missing}")
 
-    with ExitStack() as stack:
-        reader = TensorReader(tensors, stack)
+    with checkpoint.reader() as reader:
         state = model.state_dict(keep_vars=True)
         for key in plan.plain:
             state[key].copy_(reader[key])
@@ -245,12 +241,13 @@ def count_quantized(export_dir: str | Path) -> dict[str, int]:
         ValueError: as :func:`load_nvfp4_model` for a malformed export.
     """
     export_dir = Path(export_dir)
-    check_quant_config(read_hf_quant_config(export_dir), export_dir)
+    checkpoint = Checkpoint(export_dir)
+    check_quant_config(checkpoint)
     model_cls, config = model_class_and_config(export_dir)
-    tensors = tensor_index(export_dir)
+    tensors = checkpoint.tensors
     with torch.device("meta"):
         model = model_cls._from_config(config)
-    plan = plan_tensors(tensors, model, export_dir)
+    plan = plan_tensors(checkpoint, model)
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     quantized_keys = [k for parts in plan.quantized.values() for k in parts.values()]
     kv_scale_keys = [k for scales in plan.kv_scales.values() for k in scales.values()]

@@ -31,6 +31,9 @@ _ATTACH = {
     "evaluate": ("eval_report.json", "eval_report.md"),
     "audit": ("audit_report.json",),
 }
+# The MLflow dataset context of the fetch steps' rows.
+_DATASET_CONTEXT = {"fetch_image_text_heldout": "evaluation-image-text", "fetch_text": "calibration-text",
+                    "fetch_image_text": "calibration-image-text"}
 
 
 def environment_tags() -> dict[str, str]:
@@ -110,6 +113,26 @@ class Lineage:
             self.parent_id, name, cached=cached, params={"artifact.uri": ref.uri, "artifact.sha256": ref.sha256, **(params or {})},
             metrics=ref.meta, artifacts=attach, datasets=datasets,
         )
+
+    def record_steps(self, futures: dict[str, Any], store: ArtifactStore) -> dict[str, bool]:
+        """Log a child run (:meth:`step`) for every step that completed, skip the others.
+
+        Args:
+            futures: step name -> its future (anything with Prefect's ``state`` and a ``result()``
+                that returns the step's one ``ArtifactRef``).
+            store: the artifact store the references point into.
+
+        Returns:
+            Step name -> whether it was a cache hit (Prefect state ``Cached``), completed steps only.
+        """
+        cached = {}
+        for name, future in futures.items():
+            state = future.state
+            if state.is_completed():
+                cached[name] = state.name == "Cached"
+                self.step(name, future.result(), cached=cached[name], store=store,
+                          dataset_context=_DATASET_CONTEXT.get(name))
+        return cached
 
     def register(self, checkpoint: ArtifactRef) -> str:
         """Register the checkpoint as a model version tagged with the base's immutable identity."""

@@ -44,19 +44,14 @@ from typing import Any, Iterator
 
 import fsspec
 
-log = logging.getLogger(__name__)
+from conf.settings import Settings, settings
 
-LEASE_SECONDS = 120.0
-"""Default lease of a step lock; ``QUANTDAG_LOCK_LEASE_SECONDS`` overrides it."""
-GPU_LEASE_SECONDS = 300.0
-"""Default lease of a GPU slot (Prefect's server accepts 60 s to 1 day); ``QUANTDAG_GPU_LEASE_SECONDS``."""
-GPU_POLL_SECONDS = 1.0
-"""Default seconds between rounds over the GPU limits while all are taken; ``QUANTDAG_GPU_POLL_SECONDS``."""
+log = logging.getLogger(__name__)
 
 
 def lease_seconds() -> float:
-    """The step-lock lease in seconds (``QUANTDAG_LOCK_LEASE_SECONDS``, default 120)."""
-    return float(os.environ.get("QUANTDAG_LOCK_LEASE_SECONDS", LEASE_SECONDS))
+    """The step-lock lease in seconds (``QUANTDAG_LOCK_LEASE_SECONDS``, default 120; :mod:`conf.settings`)."""
+    return settings().lock_lease_seconds
 
 
 # ------------------------------------------------------------------------------------ backends
@@ -383,11 +378,17 @@ def gpu_limit_names(env: dict[str, str] | None = None) -> list[str]:
     ``CUDA_VISIBLE_DEVICES=0,1`` -> ``["gpu-0", "gpu-1"]``; unset or empty -> ``[]`` (no slot is
     taken). ``QUANTDAG_GPU_LIMIT_PREFIX`` replaces ``gpu`` (e.g. ``gpu-node7`` when several hosts
     share one Prefect server).
+
+    Args:
+        env: the environment to read both variables from; None reads this process's.
+
+    Raises:
+        SettingsError: a ``QUANTDAG_*`` variable of ``env`` has a bad value (:mod:`conf.settings`).
     """
+    knobs = settings() if env is None else Settings.from_env(env)
     env = os.environ if env is None else env
     devices = [d.strip() for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    prefix = env.get("QUANTDAG_GPU_LIMIT_PREFIX", "gpu")
-    return [f"{prefix}-{device}" for device in devices if device != "-1"]
+    return [f"{knobs.gpu_limit_prefix}-{device}" for device in devices if device != "-1"]
 
 
 @dataclass(frozen=True)
@@ -477,7 +478,7 @@ def gpu_slots(task_run_id: str | None = None, poll: float | None = None) -> Iter
     answers 423 Locked). When every one is taken, the round repeats every ``poll`` seconds until
     one frees, however long that takes. With one visible GPU this is a wait for that GPU's slot.
     The slot is taken with ``strict=True`` and leased (``QUANTDAG_GPU_LEASE_SECONDS``, default
-    300, at least 60 seconds) and renewed while this process lives, so a killed holder frees it
+    300, 60 to 86400 seconds) and renewed while this process lives, so a killed holder frees it
     when its lease runs out. While it is held, :func:`current_gpu` returns it.
 
     A single non-blocking request is used rather than Prefect's ``timeout_seconds``: that
@@ -496,7 +497,9 @@ def gpu_slots(task_run_id: str | None = None, poll: float | None = None) -> Iter
         RuntimeError: a visible GPU's limit does not exist, checked for all of them before any
             slot is taken (names the ``prefect gcl create ...`` command for each missing one),
             or an acquisition fails for another reason than a taken slot.
+        SettingsError: a ``QUANTDAG_*`` variable has a bad value (:mod:`conf.settings`).
     """
+    knobs = settings()
     names = gpu_limit_names()
     if not names:
         yield None
@@ -510,8 +513,8 @@ def gpu_slots(task_run_id: str | None = None, poll: float | None = None) -> Iter
     if missing:
         raise RuntimeError(_create_hint(missing, "no such limit"))
     holder = ConcurrencyLeaseHolder(type="task_run", id=task_run_id) if task_run_id else None
-    lease = max(60.0, float(os.environ.get("QUANTDAG_GPU_LEASE_SECONDS", GPU_LEASE_SECONDS)))
-    poll = float(os.environ.get("QUANTDAG_GPU_POLL_SECONDS", GPU_POLL_SECONDS)) if poll is None else poll
+    lease = knobs.gpu_lease_seconds
+    poll = knobs.gpu_poll_seconds if poll is None else poll
     with contextlib.ExitStack() as stack:
         slot = None
         waiting_since = None

@@ -10,7 +10,8 @@ Steps run in SERIALIZABLE transactions whose locks are leases (``quantdag.runtim
 reach the same step with the same key compute it once, and a holder killed with ``kill -9`` frees
 the step when its lease expires.
 
-A step that takes a ``device`` argument loads a model; :func:`_on_gpu` wraps it and, in order:
+A step that loads a model says so (``quantdag_task(name, model_step=True)``);
+:func:`_on_gpu` wraps it and, in order:
 
 1. takes the process-wide model lock (a ``threading.Lock``): one model step at a time per
    process. ModelOpt's KV-cache quantization swaps transformers' module-global attention
@@ -21,7 +22,7 @@ A step that takes a ``device`` argument loads a model; :func:`_on_gpu` wraps it 
 2. holds ONE free GPU among the visible ones (:func:`quantdag.runtime.locks.gpu_slots`: the slot of
    its ``gpu-<i>`` global concurrency limit; waits while every visible GPU is taken) and, when
    CUDA is available, makes it torch's current device (``torch.cuda.set_device``), so that
-   ``quantdag.model.loading.pick_device`` (``cuda:<ordinal>``) and libraries that use the current
+   ``quantdag.runtime.devices.pick_device`` (``cuda:<ordinal>``) and libraries that use the current
    device put the model on it.
 3. after the step body, also when it fails: drops the local variables of the failed call's
    frames (a traceback would keep the model alive), runs ``gc.collect()`` and, when CUDA is
@@ -35,7 +36,6 @@ import functools
 import gc
 import inspect
 import logging
-import os
 import sys
 import threading
 from typing import Any, Callable
@@ -43,6 +43,7 @@ from typing import Any, Callable
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from conf.settings import settings
 from quantdag.runtime.locks import GpuSlot, LeaseLockManager, gpu_slots
 
 log = logging.getLogger(__name__)
@@ -68,25 +69,35 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def quantdag_task(name: str, *, retries: int = 0, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+def quantdag_task(name: str, *, model_step: bool = False, retries: int = 0,
+                  **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
     """``@task`` with quantdag's cache policy and persisted results.
 
     Args:
         name: task name shown in the Prefect UI (the step's name, e.g. ``calibrate_text``).
-        retries: retries for transient failures (see :func:`retry_transient`); set
-            ``QUANTDAG_TASK_RETRIES=0`` to disable them (tests do).
+        model_step: the step loads a model: run it under :func:`_on_gpu` (this process's model
+            lock, one held GPU slot, GPU memory freed after; see the module docstring).
+        retries: retries for transient failures (see :func:`retry_transient`), spaced by
+            ``QUANTDAG_RETRY_DELAYS_SECONDS``; ``QUANTDAG_TASK_RETRIES`` replaces it for every
+            step (0 disables them; tests do). Both are read when the module defining the step
+            is imported.
+        kwargs: passed to Prefect's ``@task``.
+
+    Raises:
+        SettingsError: a ``QUANTDAG_*`` variable has a bad value (see :mod:`conf.settings`).
     """
-    retries = int(os.environ.get("QUANTDAG_TASK_RETRIES", retries))
+    knobs = settings()
+    retries = retries if knobs.task_retries is None else knobs.task_retries
     decorate = task(
         name=name,
         cache_policy=CACHE_POLICY,
         persist_result=True,
         retries=retries,
-        retry_delay_seconds=[10, 60, 300][:retries] or 0,
+        retry_delay_seconds=list(knobs.retry_delays_seconds[:retries]) or 0,
         retry_condition_fn=retry_transient if retries else None,
         **kwargs,
     )
-    return lambda fn: decorate(_on_gpu(fn) if "device" in inspect.signature(fn).parameters else fn)
+    return lambda fn: decorate(_on_gpu(fn) if model_step else fn)
 
 
 MODEL_LOCK = threading.Lock()

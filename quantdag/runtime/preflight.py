@@ -15,9 +15,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from conf.schema import Profile
 from quantdag.runtime.locks import gpu_limit_names
 from quantdag.runtime.secrets import redact
@@ -184,9 +181,3 @@ def preflight(profile: Profile) -> dict[str, Any]:
         raise PreflightError(redact("preflight failed before loading any model:\n  " + "\n  ".join(failures)))
     return {"artifact_store": profile.artifact_store, "tracking_uri": redact(profile.tracking_uri),
             "result_storage": results, "s3_endpoint": s3_endpoint()}
-
-
-@task(name="preflight", cache_policy=NO_CACHE, retries=0, persist_result=False)
-def preflight_task(profile: Profile) -> dict[str, Any]:
-    """Prefect wrapper of :func:`preflight` (never cached, never retried)."""
-    return preflight(profile)

@@ -16,15 +16,12 @@ keeps showing the flow run as Running, so the UI offers no Retry. Two mechanisms
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from quantdag.runtime.tracking import HEARTBEAT_TAG, Tracker, heartbeat_seconds
+from conf.settings import settings
+from quantdag.runtime.tracking import HEARTBEAT_TAG, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +32,9 @@ FINAL_STATUS = {"COMPLETED": "FINISHED", "FAILED": "FAILED", "CRASHED": "KILLED"
 def stale_after() -> float:
     """Seconds without a heartbeat after which a run counts as dead.
 
-    ``QUANTDAG_STALE_AFTER_SECONDS``, default five heartbeat intervals.
+    ``QUANTDAG_STALE_AFTER_SECONDS``, default five heartbeat intervals (:mod:`conf.settings`).
     """
-    return float(os.environ.get("QUANTDAG_STALE_AFTER_SECONDS", 5 * heartbeat_seconds()))
+    return settings().stale_after
 
 
 @dataclass(frozen=True)
@@ -149,9 +146,3 @@ def end_tracking_hook(flow: Any, flow_run: Any, state: Any) -> None:
             end_runs(tracker, run.info.run_id, status, f"Prefect flow run {state.type.value}: {state.message or ''}"[:500])
     except Exception as err:  # noqa: BLE001 - see docstring
         log.warning("could not end the MLflow runs of flow run %s: %s", getattr(flow_run, "id", "?"), err)
-
-
-@task(name="reap_stale_runs", cache_policy=NO_CACHE, retries=0, persist_result=False)
-def reap_stale_runs_task(tracking_uri: str, current_flow_run_id: str) -> list[dict[str, Any]]:
-    """Prefect wrapper of :func:`reap_stale_runs`; returns the ended runs as dicts."""
-    return [asdict(r) for r in reap_stale_runs(tracking_uri, current_flow_run_id)]

@@ -28,6 +28,7 @@ from typing import Any
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
+from conf.settings import settings
 from quantdag.runtime.secrets import redact
 
 EXPERIMENT = "quantdag"
@@ -173,8 +174,11 @@ class Tracker:
 
 
 def heartbeat_seconds() -> float:
-    """Seconds between heartbeats of an open parent run (``QUANTDAG_HEARTBEAT_SECONDS``, default 30)."""
-    return float(os.environ.get("QUANTDAG_HEARTBEAT_SECONDS", 30))
+    """Seconds between heartbeats of an open parent run.
+
+    ``QUANTDAG_HEARTBEAT_SECONDS``, default 30 (:mod:`conf.settings`).
+    """
+    return settings().heartbeat_seconds
 
 
 class Heartbeat:

@@ -18,16 +18,12 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict
 
+from conf.base import FrozenModel
 from conf.watch import PatternEntry, RepoEntry, WatchConfig
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Candidate(_Frozen):
+class Candidate(FrozenModel):
     """One repo at the commit its watched branch points to now."""
 
     repo: str
@@ -39,7 +35,7 @@ class Candidate(_Frozen):
     source: str  # the watch entry that found it: a repo id or 'author/glob'
 
 
-class WatchFailure(_Frozen):
+class WatchFailure(FrozenModel):
     """A repo (or a pattern whose listing failed) that could not be checked or triggered."""
 
     repo: str
@@ -51,7 +47,7 @@ class WatchFailure(_Frozen):
         return f"{self.repo}: {status}: {self.detail}"
 
 
-class HubScan(_Frozen):
+class HubScan(FrozenModel):
     """The scan's result: candidates to check, and the repos or patterns the Hub did not answer for."""
 
     candidates: tuple[Candidate, ...]

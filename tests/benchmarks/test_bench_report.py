@@ -16,7 +16,7 @@ T0 = 1_000.0
 
 def _flow() -> dict:
     trace = [
-        {"event": "step", "name": "calibrate_branches", "pid": 7, "start": T0 + 2, "seconds": 10.0, "peak_gpu_bytes": 12e9},
+        {"event": "step", "name": "calibrate", "pid": 7, "start": T0 + 2, "seconds": 10.0, "peak_gpu_bytes": 12e9},
         {"event": "load", "name": "load_model", "pid": 7, "start": T0 + 2.5, "seconds": 3.0},
         {"event": "step", "name": "export_checkpoint", "pid": 8, "start": T0 + 13, "seconds": 20.0, "peak_gpu_bytes": 11e9},
         {"event": "load", "name": "load_model", "pid": 8, "start": T0 + 13.5, "seconds": 2.0},
@@ -26,7 +26,7 @@ def _flow() -> dict:
         {"event": "step", "name": "audit_checkpoint", "pid": 8, "start": T0 + 34, "seconds": 6.0},  # beside evaluate
     ]
     runs = [
-        {"task": "calibrate_branches", "state": "Completed", "start": T0 + 1.9, "end": T0 + 12.1, "seconds": 10.2},
+        {"task": "calibrate_image_text+text", "state": "Completed", "start": T0 + 1.9, "end": T0 + 12.1, "seconds": 10.2},
         {"task": "export", "state": "Completed", "start": T0 + 12.9, "end": T0 + 33.1, "seconds": 20.2},
         {"task": "evaluate", "state": "Completed", "start": T0 + 33.9, "end": T0 + 49.1, "seconds": 15.2},
         {"task": "audit", "state": "Completed", "start": T0 + 33.9, "end": T0 + 40.1, "seconds": 6.2},
@@ -39,10 +39,10 @@ def _flow() -> dict:
 
 def test_loads_belong_to_the_step_running_in_their_process() -> None:
     rows = {row["step"]: row for row in step_table(_flow())}
-    assert rows["calibrate_branches"]["model_loads"] == 1 and rows["export"]["model_loads"] == 1
+    assert rows["calibrate_image_text+text"]["model_loads"] == 1 and rows["export"]["model_loads"] == 1
     assert (rows["evaluate"]["model_loads"], rows["evaluate"]["export_reads"]) == (1, 1)
     assert rows["audit"]["model_loads"] == 0, "a load of the concurrent evaluate step must not count for audit"
-    assert rows["calibrate_branches"]["tokens_per_second"] == pytest.approx(4000 / 3)
+    assert rows["calibrate_image_text+text"]["tokens_per_second"] == pytest.approx(4000 / 3)
     assert rows["evaluate"]["peak_gpu_bytes"] == 30e9
 
 
@@ -76,13 +76,14 @@ def test_bytes_grow_with_decoder_layers_only() -> None:
 
 def test_trace_records_wrapped_calls(tmp_path: Path) -> None:
     import quantdag.model.loading as modeling
+    from quantdag.runtime import devices
 
     path = tmp_path / "trace.jsonl"
-    original = modeling.pick_device
+    original = devices.pick_device
     try:
-        modeling.pick_device = bench_trace._wrap(original, "step", path)
-        assert modeling.pick_device("cpu").type == "cpu"
+        devices.pick_device = bench_trace._wrap(original, "step", path)
+        assert devices.pick_device("cpu").type == "cpu"
     finally:
-        modeling.pick_device = original
+        devices.pick_device = original
     (record,) = bench_trace.read(path)
     assert record["name"] == "pick_device" and record["seconds"] >= 0 and json.dumps(record)

@@ -111,6 +111,8 @@ def test_image_pass_ran_the_vision_tower(first_run, profile) -> None:
     image = by_step["calibrate_image_text"].data.metrics
     assert image["vision_forward_calls"] >= 6 and image["image_tokens"] > 0
     assert image["vision_embeddings"] == image["image_tokens"]
+    loads = {step: by_step[step].data.metrics["model_loads"] for step in ("calibrate_image_text", "calibrate_text")}
+    assert loads == {"calibrate_image_text": 1, "calibrate_text": 0}, f"both branches on one model load expected: {loads}"
     evaluation = by_step["evaluate"].data.metrics
     assert evaluation["perplexity_nvfp4"] > 0 and 0 <= evaluation["top1_agreement"] <= 1
     assert evaluation["image_text_rows"] == 3 and evaluation["image_text_eval_tokens"] > 0

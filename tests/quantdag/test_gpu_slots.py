@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from quantdag.model import loading as modeling
+from quantdag.runtime import devices
 from quantdag.runtime.locks import GpuSlot, current_gpu, gpu_slots
 
 HOLDER = """
@@ -218,14 +219,14 @@ def test_pick_device_follows_the_held_gpu(two_gpus: list[str], monkeypatch: pyte
     expected_auto = torch.device("cuda", 1) if real else torch.device("cpu")
 
     def picks() -> list[torch.device]:
-        return [modeling.pick_device(d) for d in ("auto", "cuda", "cpu", "cuda:0")]
+        return [devices.pick_device(d) for d in ("auto", "cuda", "cpu", "cuda:0")]
 
     other = Holder()
     other.start()
     try:
         assert other.holds(15.0) and other.slot == GpuSlot(two_gpus[0], 0)
         if not real:
-            unpatched = Holder(lambda: modeling.pick_device("auto"))
+            unpatched = Holder(lambda: devices.pick_device("auto"))
             unpatched.start()
             assert unpatched.holds(15.0) and unpatched.slot.ordinal == 1
             unpatched.release()
@@ -237,6 +238,6 @@ def test_pick_device_follows_the_held_gpu(two_gpus: list[str], monkeypatch: pyte
         mine.release()
         assert mine.inside == [torch.device("cuda", 1), torch.device("cuda", 1), torch.device("cpu"),
                                torch.device("cuda", 0)], "cuda/auto follow the held GPU; explicit devices stay"
-        assert modeling.pick_device("auto") == torch.device("cuda"), "no slot held: the current device"
+        assert devices.pick_device("auto") == torch.device("cuda"), "no slot held: the current device"
     finally:
         other.release()

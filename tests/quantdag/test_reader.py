@@ -16,12 +16,8 @@ from torch import nn
 
 from quantdag.format import nvfp4
 from quantdag.format.reader import NVFP4Linear, count_quantized, load_nvfp4_model
-from tiny_exports import (
-    build_tiny_llama,
-    build_tiny_qwen3_5,
-    export_tiny_llama_nvfp4,
-    export_tiny_qwen3_5_nvfp4,
-)
+from tiny_exports import export_tiny_llama_nvfp4, export_tiny_qwen3_5_nvfp4
+from tiny_models import build_tiny_llama, build_tiny_qwen3_5
 
 # Whole-model logits, reader (float32) vs the BF16 model run in float32. Each W4A4 GEMM adds about
 # 0.1 relative error from the weights and 0.1 from the activations (NVFP4 on Gaussian-like data,
@@ -260,7 +256,7 @@ def test_malformed_exports_raise_value_error_naming_every_offender(llama_dir, tm
         load_nvfp4_model(broken)
     message = str(raised.value)
     assert "model.layers.1.mlp.up_proj: NVFP4 tensors missing ['input_scale']" in message
-    assert "model.layers.0.self_attn.q_proj.weight_scale: F8_E4M3 (64, 3)" in message
+    assert "model.layers.0.self_attn.q_proj: weight_scale is F8_E4M3[64, 3]" in message
     assert "model.layers.0.mystery.weight: not a parameter or buffer" in message
 
     fp8 = _rewrite(llama_dir, tmp_path / "fp8", edit_quant=lambda q: q.update(quant_algo="FP8"))
@@ -277,7 +273,7 @@ def test_malformed_exports_raise_value_error_naming_every_offender(llama_dir, tm
     assert not load_nvfp4_model(nvfp4_kv, fake_quant_kv=False).kv_cache_fake_quant
 
     (tmp_path / "bare").mkdir()
-    with pytest.raises(ValueError, match="hf_quant_config.json not found"):
+    with pytest.raises(ValueError, match="hf_quant_config.json: file is missing"):
         load_nvfp4_model(tmp_path / "bare")
 
 

@@ -28,7 +28,7 @@ def cached_steps(states: dict[str, str]) -> dict[str, str]:
 
 
 def calibration_step(states: dict[str, str]) -> str:
-    """The calibration step's name (``calibrate_branches`` for one shared load, else ``calibrate_text``)."""
+    """The calibration step's name (``calibrate`` whatever branches it ran)."""
     (step,) = [name for name in states if name.startswith("calibrate")]
     return step
 

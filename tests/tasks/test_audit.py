@@ -80,6 +80,33 @@ def test_qwen35_export_passes(qwen: tuple[Path, Path]) -> None:
     assert report.counts["base_mtp_tensors"] == 12
 
 
+def test_audit_reads_headers_and_only_the_tensors_it_checks(
+    qwen: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No model is built: tensors are read one by name, and only NVFP4 scales and ``mtp.*``."""
+    import transformers
+
+    from quantdag.format.checkpoint import TensorReader
+
+    read: list[str] = []
+    original = TensorReader.__getitem__
+
+    def record(self: TensorReader, name: str) -> torch.Tensor:
+        read.append(name)
+        return original(self, name)
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the audit built a model")
+
+    monkeypatch.setattr(TensorReader, "__getitem__", record)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(no_model))
+    assert audit_checkpoint(*qwen).passed
+    assert any(n.startswith("mtp.") for n in read) and any(n.endswith("_scale") for n in read)
+    scales = ("weight_scale", "weight_scale_2", "input_scale")
+    unexpected = sorted({n for n in read if not (n.startswith("mtp.") or n.endswith(scales))})
+    assert not unexpected, f"the audit read tensors no rule checks: {unexpected}"
+
+
 def test_rules_registry_has_every_rule() -> None:
     assert list(RULES) == ["quantized-linear-format", "exclusions", "fused-siblings",
                            "mtp-preserved", "loadable", "kv-cache"]

@@ -12,7 +12,7 @@ from quantdag.calibration.quantizer_state import STATE_FILE, load_state
 from quantdag.runtime.store import ArtifactStore
 from tasks.calibrate import calibrate
 from tasks.fetch import fetch_text
-from tiny_models import build_tiny_llama, write_corpus
+from tiny_models import write_corpus, write_tiny_llama
 
 
 @pytest.fixture
@@ -25,8 +25,10 @@ def setup(tmp_path: Path):
 
 def test_text_calibration_writes_only_quantizer_state(setup) -> None:
     tmp, store, source, rows = setup
-    base = resolve_base(BaseModelSpec(local_dir=str(build_tiny_llama(tmp / "llama"))))
-    ref = calibrate("text", base, rows, RecipeSpec(), source, store, "cpu")
+    base = resolve_base(BaseModelSpec(local_dir=str(write_tiny_llama(tmp / "llama"))))
+    refs = calibrate(base, {"text": rows}, RecipeSpec(), {"text": source}, store, "cpu")
+    assert list(refs) == ["text"], f"one state labelled by its branch expected, got {list(refs)}"
+    ref = refs["text"]
     assert set(ref.files) == {STATE_FILE, "metrics.json"}, "a calibration step must not write the model"
     state = load_state(store.local_dir(ref) / STATE_FILE)
     assert ref.meta["rows"] == 4 and ref.meta["tokens"] > 0
@@ -41,14 +43,14 @@ def test_text_calibration_writes_only_quantizer_state(setup) -> None:
 
 def test_down_proj_that_only_sees_zeros_is_named_before_export(setup) -> None:
     tmp, store, source, rows = setup
-    base = resolve_base(BaseModelSpec(local_dir=str(build_tiny_llama(tmp / "llama0", zero_up_proj_layer=1))))
+    base = resolve_base(BaseModelSpec(local_dir=str(write_tiny_llama(tmp / "llama0", zero_up_proj_layer=1))))
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj: amax 0"):
-        calibrate("text", base, rows, RecipeSpec(), source, store, "cpu")
+        calibrate(base, {"text": rows}, RecipeSpec(), {"text": source}, store, "cpu")
 
 
 def test_module_the_loop_never_reaches_is_named(setup, monkeypatch: pytest.MonkeyPatch) -> None:
     tmp, store, source, rows = setup
-    base = resolve_base(BaseModelSpec(local_dir=str(build_tiny_llama(tmp / "llama1"))))
+    base = resolve_base(BaseModelSpec(local_dir=str(write_tiny_llama(tmp / "llama1"))))
     real_load = modeling.load_model
 
     def load_with_skipped_layer(*args, **kwargs):
@@ -59,7 +61,7 @@ def test_module_the_loop_never_reaches_is_named(setup, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(modeling, "load_model", load_with_skipped_layer)
     with pytest.raises(ValueError) as err:
-        calibrate("text", base, rows, RecipeSpec(), source, store, "cpu")
+        calibrate(base, {"text": rows}, RecipeSpec(), {"text": source}, store, "cpu")
     message = str(err.value)
     for module in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
         assert f"model.layers.1.{module}" in message, f"{module} of the skipped layer not named:\n{message}"
@@ -68,19 +70,25 @@ def test_module_the_loop_never_reaches_is_named(setup, monkeypatch: pytest.Monke
 
 def test_unknown_calibration_kind_is_refused(setup) -> None:
     tmp, store, source, rows = setup
-    base = resolve_base(BaseModelSpec(local_dir=str(build_tiny_llama(tmp / "llama2"))))
+    base = resolve_base(BaseModelSpec(local_dir=str(write_tiny_llama(tmp / "llama2"))))
     with pytest.raises(ValueError, match="calibration kind"):
-        calibrate("audio", base, rows, RecipeSpec(), source, store, "cpu")
+        calibrate(base, {"audio": rows}, RecipeSpec(), {"audio": source}, store, "cpu")
 
 
 def test_sharded_calibration_merges_bit_identical_to_one_pass(setup) -> None:
     from tasks.merge import merge_states
 
     tmp, store, source, rows = setup
-    base = resolve_base(BaseModelSpec(local_dir=str(build_tiny_llama(tmp / "llama3"))))
-    single = load_state(store.local_dir(calibrate("text", base, rows, RecipeSpec(), source, store, "cpu")) / STATE_FILE)
-    shards = [load_state(store.local_dir(calibrate("text", base, rows, RecipeSpec(), source, store, "cpu", i, 3)) / STATE_FILE)
-              for i in range(3)]
+    base = resolve_base(BaseModelSpec(local_dir=str(write_tiny_llama(tmp / "llama3"))))
+    def state(shard: int = 0, num_shards: int = 1) -> dict:
+        refs = calibrate(base, {"text": rows}, RecipeSpec(), {"text": source}, store, "cpu",
+                         shards={"text": (shard, num_shards)})
+        (label,) = refs
+        assert label == ("text" if num_shards == 1 else f"text[{shard}]"), label
+        return load_state(store.local_dir(refs[label]) / STATE_FILE)
+
+    single = state()
+    shards = [state(i, 3) for i in range(3)]
     assert [len(s["amax"]) for s in shards] == [len(single["amax"])] * 3
     merged = merge_states(shards)
     differing = [n for n in single["amax"] if not torch.equal(single["amax"][n], merged["amax"][n])]
@@ -88,4 +96,4 @@ def test_sharded_calibration_merges_bit_identical_to_one_pass(setup) -> None:
     assert any(not torch.equal(shards[0]["amax"][n], single["amax"][n]) for n in single["input_quantizers"]), \
         "a single shard should not already equal the full pass (the test would prove nothing)"
     with pytest.raises(ValueError, match="no rows"):
-        calibrate("text", base, rows, RecipeSpec(), source, store, "cpu", 4, 5)
+        calibrate(base, {"text": rows}, RecipeSpec(), {"text": source}, store, "cpu", shards={"text": (4, 5)})

@@ -1,4 +1,5 @@
-"""``_on_gpu``: one model step at a time per process, lock before GPU slot, memory freed after."""
+"""``_on_gpu``: one model step at a time per process, lock before GPU slot, memory freed after; only
+steps declared ``quantdag_task(..., model_step=True)`` get it."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import pytest
 import torch
 
 from quantdag.model import loading as modeling
+from quantdag.runtime import devices
 from quantdag.runtime.locks import GpuSlot, current_gpu, gpu_slots
-from quantdag.runtime.prefect_task import _on_gpu
+from quantdag.runtime.prefect_task import MODEL_LOCK, _on_gpu, quantdag_task
 
 
 @pytest.fixture
@@ -168,10 +170,10 @@ def test_the_held_gpu_becomes_the_current_device_and_its_cache_is_emptied(
 
         @_on_gpu
         def step(fail: bool, device: str = "auto") -> torch.device:
-            calls.append(("body", modeling.pick_device(device)))
+            calls.append(("body", devices.pick_device(device)))
             if fail:
                 raise RuntimeError("out of memory")
-            return modeling.pick_device(device)
+            return devices.pick_device(device)
 
         assert call(step, False) == torch.device("cuda", 1)
         assert calls == [("set_device", 1), ("body", torch.device("cuda", 1)), ("empty_cache", None)]
@@ -183,3 +185,19 @@ def test_the_held_gpu_becomes_the_current_device_and_its_cache_is_emptied(
     finally:
         release.set()
         other.join(15)
+
+
+def test_only_a_step_declared_a_model_step_runs_under_the_model_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible: no slot to take, no server needed
+
+    def loads_a_model(rows: int) -> bool:
+        return MODEL_LOCK.locked()
+
+    def takes_a_device(device: str = "cpu") -> bool:
+        return MODEL_LOCK.locked()
+
+    declared = quantdag_task("declared_model_step", model_step=True)(loads_a_model)
+    undeclared = quantdag_task("undeclared_step")(takes_a_device)
+    assert declared.fn(4) is True, "a declared model step runs under this process's model lock"
+    assert not MODEL_LOCK.locked(), "the lock is given back after the step"
+    assert undeclared.fn() is False, "a parameter named device no longer makes a step a model step"

@@ -5,15 +5,13 @@ from __future__ import annotations
 import cloudpickle
 import pytest
 
-from tasks.calibrate import calibrate_image_text_task, calibrate_text_task
-from tasks.calibrate_shared import calibrate_branches_task
+from tasks.calibrate import calibrate_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from quantdag.runtime.prefect_task import MODEL_LOCK
 
 
-@pytest.mark.parametrize("task", [calibrate_text_task, calibrate_image_text_task, calibrate_branches_task,
-                                  export_task, evaluate_task], ids=lambda t: t.name)
+@pytest.mark.parametrize("task", [calibrate_task, export_task, evaluate_task], ids=lambda t: t.name)
 def test_model_task_pickles_after_this_process_used_its_lock(task) -> None:
     with MODEL_LOCK:  # the lock exists and is held: a wrapper that captured it could not be pickled
         restored = cloudpickle.loads(cloudpickle.dumps(task))

@@ -24,7 +24,8 @@ def qwen_tokenizer(qwen_tokenizer_dir: Path):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, qwen_tokenizer_dir: Path) -> Path:
-    from quantdag.demo.tiny_model import Qwen35Dims, build_qwen3_5_checkpoint
+    from quantdag.demo.dims import Qwen35Dims
+    from quantdag.demo.tiny_model import build_qwen3_5_checkpoint
 
     return build_qwen3_5_checkpoint(tmp_path_factory.mktemp("tiny_qwen3_5"), Qwen35Dims(), qwen_tokenizer_dir, seed=0)
 

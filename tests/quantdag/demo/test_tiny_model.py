@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantdag.demo.tiny_model import Qwen35Dims, build_qwen3_5_checkpoint, qwen3_5_config
+from quantdag.demo.dims import Qwen35Dims, qwen3_5_config
+from quantdag.demo.tiny_model import build_qwen3_5_checkpoint
 from quantdag.demo.weights import model_specs, mtp_specs
 
 IMAGE_PAD, VISION_START, VISION_END = 248056, 248053, 248054

@@ -1,10 +1,10 @@
 """Both branches on one model load, and the fast statistics path, against plain ModelOpt.
 
 The tiny Qwen3.5 VLM runs the real image-text loop (full VLM forward) and the text loop. Each
-branch's state from :func:`calibrate_branches` (one load, second branch re-calibrated from a
-clean slate) must equal, bit for bit, the state :func:`tasks.calibrate.calibrate` writes for
-that branch on a model of its own: every amax, the enabled input quantizers and the whole
-ModelOpt state (quantizer properties included).
+branch's state from one :func:`tasks.calibrate.calibrate` call with both branches (one load,
+second branch re-calibrated from a clean slate) must equal, bit for bit, the state a call with
+that branch alone writes on a model of its own: every amax, the enabled input quantizers and the
+whole ModelOpt state (quantizer properties included).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from quantdag.model.loading import resolve_base
 from quantdag.calibration.quantizer_state import STATE_FILE, load_state
 from quantdag.calibration.recipe import build_quant_config
 from quantdag.runtime.store import ArtifactStore
-from tasks.calibrate import calibrate
-from tasks.calibrate_shared import calibrate_branches, fast_max_loop, fast_max_statistics
+from quantdag.calibration.fast_max import fast_max_loop, fast_max_statistics
+from tasks.calibrate import branch_label, calibrate, calibration_calls, run_name
 from tasks.fetch import fetch_image_text, fetch_text
-from tiny_models import build_tiny_llama
+from tiny_models import write_tiny_llama
 
 KINDS = ("image_text", "text")
 
@@ -70,10 +70,12 @@ def states(demo) -> dict[str, dict[str, dict[str, Any]]]:
     def read(ref) -> dict[str, Any]:
         return load_state(store.local_dir(ref) / STATE_FILE)
 
-    out = {"separate": {kind: read(calibrate(kind, base, rows[kind], RecipeSpec(), sources[kind], store, "cpu"))
+    out = {"separate": {kind: read(calibrate(base, {kind: rows[kind]}, RecipeSpec(), {kind: sources[kind]}, store,
+                                             "cpu")[kind])
                         for kind in KINDS}}
     for variant, fast in (("shared", False), ("shared_fast", True)):
-        refs = calibrate_branches(base, rows, RecipeSpec(), sources, store, "cpu", fast=fast)
+        refs = calibrate(base, rows, RecipeSpec(), sources, store, "cpu", fast=fast)
+        assert list(refs) == list(KINDS), f"one state per branch, in branch order: {list(refs)}"
         assert refs["image_text"].meta["model_loads"] == 1 and refs["text"].meta["model_loads"] == 0
         out[variant] = {kind: read(ref) for kind, ref in refs.items()}
     return out
@@ -97,7 +99,7 @@ def test_branches_really_differ(states) -> None:
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory):
     """A resolved tiny 2-layer Llama base (text only)."""
-    return resolve_base(BaseModelSpec(local_dir=str(build_tiny_llama(tmp_path_factory.mktemp("llama")))))
+    return resolve_base(BaseModelSpec(local_dir=str(write_tiny_llama(tmp_path_factory.mktemp("llama")))))
 
 
 def _batches() -> list[torch.Tensor]:
@@ -163,7 +165,28 @@ def test_non_finite_inputs_name_the_modules(llama) -> None:
 
 def test_unknown_branch_is_rejected(demo) -> None:
     base, store, sources, rows = demo
-    with pytest.raises(ValueError, match="unknown: \\['audio'\\]"):
-        calibrate_branches(base, {"audio": rows["text"]}, RecipeSpec(), {"audio": sources["text"]}, store, "cpu")
-    with pytest.raises(ValueError, match="need sources"):
-        calibrate_branches(base, rows, RecipeSpec(), {"text": sources["text"]}, store, "cpu")
+    with pytest.raises(ValueError, match="unknown calibration kind 'audio'"):
+        calibrate(base, {"audio": rows["text"]}, RecipeSpec(), {"audio": sources["text"]}, store, "cpu")
+    with pytest.raises(ValueError, match="branch 'image_text' has rows but no source"):
+        calibrate(base, rows, RecipeSpec(), {"text": sources["text"]}, store, "cpu")
+    with pytest.raises(ValueError, match=r"'audio', which has no rows; text: shard 2 is outside range\(num_shards=2\)"):
+        calibrate(base, rows, RecipeSpec(), sources, store, "cpu", shards={"text": (2, 2), "audio": (0, 1)})
+
+
+@pytest.mark.parametrize(("shards", "gpus", "expected"), [
+    ({"image_text": 1, "text": 1}, 1, [{"image_text": (0, 1), "text": (0, 1)}]),
+    ({"text": 1}, 1, [{"text": (0, 1)}]),
+    ({"image_text": 1, "text": 1}, 2, [{"image_text": (0, 1)}, {"text": (0, 1)}]),
+    ({"image_text": 1, "text": 2}, 1, [{"image_text": (0, 1)}, {"text": (0, 2)}, {"text": (1, 2)}]),
+    ({"image_text": 1, "text": 2}, 4, [{"image_text": (0, 1)}, {"text": (0, 2)}, {"text": (1, 2)}]),
+])
+def test_calibration_calls_share_one_load_only_on_one_gpu_without_shards(shards, gpus, expected) -> None:
+    assert calibration_calls(shards, gpus) == expected
+
+
+def test_labels_and_task_run_names_say_what_ran() -> None:
+    assert branch_label("text") == "text" and branch_label("text", 1, 2) == "text[1]"
+    both = {"rows": {"image_text": None, "text": None}, "shards": {"image_text": (0, 1), "text": (0, 1)}}
+    assert run_name(parameters=both) == "calibrate_image_text+text"
+    assert run_name(parameters={"rows": {"text": None}, "shards": {"text": (1, 3)}}) == "calibrate_text[1]"
+    assert run_name(parameters={"rows": {"image_text": None}, "shards": None}) == "calibrate_image_text"
