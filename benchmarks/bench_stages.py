@@ -12,7 +12,15 @@ Stages:
 - ``monolithic``: the baseline, one process, one load: ``mtq.quantize`` with the image-text and
   the text loop, then ``export_hf_checkpoint`` (with the ``mtp.*`` tensors and side files).
 - ``flow``: ``flows.quantize.quantize`` against the driver's Prefect server, every step traced
-  (``benchmarks.bench_trace``); Prefect's task-run timeline and the MLflow parent run's tags.
+  (``benchmarks.bench_trace``); Prefect's task-run timeline, the MLflow parent run's tags and
+  metrics (``model_loads``), and each step's child run: metrics (``peak_gpu_bytes``,
+  ``model_loads``, ...), whether it was a cache hit, and its placement.
+- ``floor``: what the hardware allows: the base's safetensors read once (64 MiB chunks), a pinned
+  host-to-GPU copy, an 8192^3 BF16 matmul, and ``floor.write_bytes`` written and fsynced beside the
+  exports (``floor.write_dir``).
+
+Every stage but ``flow`` imports the steps' plain functions without Prefect
+(``benchmarks.plain_steps``): the baseline is a plain ModelOpt script.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+
+from benchmarks import plain_steps
 
 
 def _sync(device: torch.device) -> None:
@@ -113,6 +123,7 @@ def _weights_once(loop: Callable[[torch.nn.Module], None]) -> Callable[[torch.nn
 
 def calibration(spec: dict[str, Any]) -> dict[str, Any]:
     """Plain forward vs three max-calibration variants on one model load (see module docstring)."""
+    plain_steps.install()
     import modelopt.torch.quantization as mtq
 
     from conf.schema import RecipeSpec
@@ -256,7 +267,9 @@ def _vision_seconds(model: torch.nn.Module, loop: Callable[[torch.nn.Module], No
 def warmup(spec: dict[str, Any]) -> dict[str, Any]:
     """Run both loops once, plain and under max calibration, and discard the timings: the kernels
     that Triton compiles on first use (flash-linear-attention's, ModelOpt's) land in the on-disk
-    cache, so the stages after this one (baseline and flow alike) start with the same warm cache."""
+    cache, so the stages after this one (baseline and flow alike) start with the same warm cache.
+    The driver may point it at a checkpoint of fewer layers at the same widths (same kernels)."""
+    plain_steps.install()
     import modelopt.torch.quantization as mtq
 
     from quantdag.calibration.fast_max import fast_max_loop
@@ -282,6 +295,7 @@ def warmup(spec: dict[str, Any]) -> dict[str, Any]:
 def monolithic(spec: dict[str, Any]) -> dict[str, Any]:
     """The baseline: load, ``mtq.quantize`` with both loops, export; one process, one load."""
     start = time.perf_counter()
+    plain_steps.install()
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
 
@@ -297,6 +311,7 @@ def monolithic(spec: dict[str, Any]) -> dict[str, Any]:
         loops = _loops(base, rows, sources, store, device)
     with _timed(phases, "load", device):
         model, _ = _load(base, device)
+    out["weights_gpu_bytes"] = float(torch.cuda.memory_allocated()) if device.type == "cuda" else None
 
     def both(calibrated: torch.nn.Module) -> None:
         for loop, _ in loops.values():
@@ -313,6 +328,8 @@ def monolithic(spec: dict[str, Any]) -> dict[str, Any]:
             export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=export_dir, extra_state_dict=mtp or None)
         copy_side_files(base, export_dir)
     out["tokens"] = {kind: stats["tokens"] for kind, (_, stats) in loops.items()}
+    out["image_tokens"] = sum(stats.get("image_tokens", 0) for _, stats in loops.values())
+    out["orchestrators_imported"] = plain_steps.orchestrators_imported()
     out["work_seconds"] = sum(p["seconds"] for p in phases.values())
     out["export_bytes"] = sum(p.stat().st_size for p in export_dir.rglob("*") if p.is_file())
     out["model_loads"] = 1
@@ -357,7 +374,8 @@ def flow(spec: dict[str, Any], gpus: int = 1) -> dict[str, Any]:
         "task_runs": _task_runs(str(state.state_details.flow_run_id)),
         "trace": bench_trace.read(trace)[first:],
         "mlflow_tags": _mlflow_tags(tracking, result["mlflow_run_id"]),
-        "step_metrics": _mlflow_children(tracking, result["mlflow_run_id"]),
+        "placement": profile.placement.model_dump(),
+        **_mlflow_records(tracking, result["mlflow_run_id"]),
     }
 
 
@@ -383,16 +401,126 @@ def _mlflow_tags(tracking_uri: str, run_id: str) -> dict[str, str]:
     return {k: v for k, v in tags.items() if k.startswith(("gpu.", "version.", "host."))}
 
 
-def _mlflow_children(tracking_uri: str, run_id: str) -> dict[str, dict[str, float]]:
+def _mlflow_records(tracking_uri: str, run_id: str) -> dict[str, Any]:
+    """The parent run's metrics and, per step (child run), its metrics and what it says of itself.
+
+    ``step_metrics``: step -> metrics (``peak_gpu_bytes``, ``model_loads``, ``tokens``...; a cache hit's
+    child carries the metrics of the run that computed it); ``step_info``: step -> ``cached`` (the
+    child's tag) and ``placement`` (its param or tag of that name, else the ``placement`` in the
+    meta of the artifact its ``artifact.uri`` names, on a local store); ``parent_metrics``: the
+    parent's metrics (``model_loads``: models read by the steps that ran).
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     parent = client.get_run(run_id)
     children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
-    return {run.data.tags.get("quantdag.step", run.info.run_name): dict(run.data.metrics) for run in children}
+    metrics, info = {}, {}
+    for run in children:
+        step = run.data.tags.get("quantdag.step", run.info.run_name)
+        metrics[step] = dict(run.data.metrics)
+        fields = {**run.data.tags, **run.data.params}
+        placement = next((v for k, v in fields.items() if k.rsplit(".", 1)[-1] == "placement"), None)
+        info[step] = {"cached": fields.get("cached") == "true",
+                      "placement": placement or _artifact_meta(fields.get("artifact.uri")).get("placement")}
+    return {"step_metrics": metrics, "step_info": info, "parent_metrics": dict(parent.data.metrics)}
 
 
-STAGES = {"warmup": warmup, "calibration": calibration, "monolithic": monolithic, "flow": flow,
+def _artifact_meta(uri: str | None) -> dict[str, Any]:
+    """The ``meta`` of a stored artifact's ``MANIFEST.json`` (local stores; {} otherwise)."""
+    path = Path(uri.removeprefix("file://")) / "MANIFEST.json" if uri and "://" not in uri.removeprefix("file://") else None
+    try:
+        return json.loads(path.read_text()).get("meta", {}) if path else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def floor(spec: dict[str, Any]) -> dict[str, Any]:
+    """What the hardware allows for the work a run must do (see module docstring); the report turns
+    these rates into the physical floor of a run: weights read, calibration FLOPs, export written.
+
+    ``spec["floor"]``: ``read_bytes`` (cap on the base bytes read; None: all), ``write_bytes``,
+    ``write_dir`` (on the disk the exports go to), ``matmul`` (square size; 8192 on a GPU).
+    """
+    device = torch.device(spec["device"])
+    settings = spec.get("floor", {})
+    out: dict[str, Any] = {"device": str(device)}
+    files = sorted(Path(spec["profile"]["base"]["local_dir"]).glob("*.safetensors"))
+    out["base_bytes"] = float(sum(f.stat().st_size for f in files))
+    out["read"] = _read_rate(files, settings.get("read_bytes"))
+    if device.type == "cuda":
+        out["h2d"] = _h2d_rate(device)
+        out["gpu_name"] = torch.cuda.get_device_name(device)
+    out["matmul"] = _matmul_rate(device, int(settings.get("matmul") or (8192 if device.type == "cuda" else 1024)))
+    write_dir = Path(settings["write_dir"]) if settings.get("write_dir") else Path(spec["stage_store"]).parent
+    out["write"] = _write_rate(write_dir, int(settings.get("write_bytes") or 4 * 2**30))
+    return out
+
+
+def _read_rate(files: list[Path], cap: float | None, chunk: int = 64 << 20) -> dict[str, float]:
+    """Read ``files`` once (or their first ``cap`` bytes) in ``chunk`` pieces into one buffer."""
+    buffer, done, start = bytearray(chunk), 0, time.perf_counter()
+    view = memoryview(buffer)
+    for path in files:
+        with open(path, "rb", buffering=0) as handle:
+            while (cap is None or done < cap) and (got := handle.readinto(view)):
+                done += got
+    seconds = time.perf_counter() - start
+    return {"bytes": float(done), "seconds": seconds, "bytes_per_second": done / seconds if seconds else 0.0}
+
+
+def _h2d_rate(device: torch.device, size: int = 1 << 30, repeats: int = 4) -> dict[str, float]:
+    """Pinned host memory to the GPU, ``repeats`` copies of ``size`` bytes after one untimed copy."""
+    host = torch.empty(size, dtype=torch.uint8).pin_memory()
+    target = torch.empty(size, dtype=torch.uint8, device=device)
+    target.copy_(host, non_blocking=True)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(host, non_blocking=True)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    del host, target
+    torch.cuda.empty_cache()
+    return {"bytes": float(size * repeats), "seconds": seconds, "bytes_per_second": size * repeats / seconds}
+
+
+def _matmul_rate(device: torch.device, n: int, warm: int = 3, repeats: int = 10) -> dict[str, float]:
+    """Dense matmul rate (FLOP/s) of n x n x n products on random data: BF16 on a GPU, float32 on a CPU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(warm):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return {"n": float(n), "dtype": str(dtype).removeprefix("torch."), "seconds": seconds,
+            "flops_per_second": 2.0 * n**3 * repeats / seconds}
+
+
+def _write_rate(directory: Path, total: int, chunk: int = 64 << 20) -> dict[str, float]:
+    """Write ``total`` bytes of random data to a file in ``directory`` and fsync it; the file is removed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path, data = directory / "floor-write.tmp", os.urandom(chunk)
+    start = time.perf_counter()
+    try:
+        with open(path, "wb", buffering=0) as handle:
+            done = 0
+            while done < total:
+                done += handle.write(data[:min(chunk, total - done)])
+            buffered = time.perf_counter() - start
+            os.fsync(handle.fileno())
+        seconds = time.perf_counter() - start
+    finally:
+        path.unlink(missing_ok=True)
+    return {"bytes": float(done), "seconds": seconds, "bytes_per_second": done / seconds,
+            "buffered_bytes_per_second": done / buffered if buffered else 0.0, "directory": str(directory)}
+
+
+STAGES = {"warmup": warmup, "floor": floor, "calibration": calibration, "monolithic": monolithic, "flow": flow,
           "flow_2gpu": lambda spec: flow(spec, gpus=2)}
 
 

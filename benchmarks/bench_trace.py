@@ -1,8 +1,9 @@
 """Record what the quantize flow's steps do, in whichever process runs them (benchmark only).
 
 :func:`install` wraps, by module attribute, the plain step functions that the Prefect tasks call
-(``tasks.calibrate.calibrate``, ``tasks.export.export_checkpoint``, ...) and the
-two model loaders (``quantdag.model.loading.load_model``, ``quantdag.format.reader.load_nvfp4_model``). Each
+(``tasks.reference.bf16_reference``, ``tasks.calibrate.calibrate``, ``tasks.export.export_checkpoint``,
+...) and the two model loaders (``quantdag.model.loading.load_model``,
+``quantdag.format.reader.load_nvfp4_model``). Each
 call appends one JSON line to the trace file: what ran, in which process, for how long, and for
 steps the peak GPU memory the process allocated meanwhile. Task bodies and their cache keys are
 untouched (Prefect hashes the task functions, which look the step functions up at call time).
@@ -28,6 +29,7 @@ STEPS = {
     "tasks.export": ("export_checkpoint",),
     "tasks.audit": ("audit_checkpoint",),
     "tasks.evaluate": ("evaluate",),
+    "tasks.reference": ("bf16_reference",),
 }
 LOADERS = {"quantdag.model.loading": "load_model", "quantdag.format.reader": "load_nvfp4_model"}
 _MARK = "__bench_trace__"

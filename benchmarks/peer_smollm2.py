@@ -23,7 +23,7 @@ tokenizer and cut to 512 tokens, the same token ids for all three methods.
 
 Every checkpoint is then read by ``quantdag.format.reader`` (E2M1 weights, E4M3 block scales, per-16
 dynamic activation scales relative to ``input_scale``) and compared with the BF16 model on
-WikiText-2 windows by ``tasks.evaluate`` (``eval_windows``, ``compare_logits``, ``summarise``),
+WikiText-2 windows by ``tasks.evaluate`` (``eval_windows``) and ``quantdag.evaluation.logprobs`` (``compare_logits``, ``summarise``),
 float32 on the CPU. The profile's recipe also has an FP8 KV cache (``fp8_cast``); llm-compressor's
 NVFP4 scheme has none, so the quantdag export is also evaluated with K/V unquantized, and the
 BF16-calibrated ModelOpt export only that way. Everything runs on the CPU (``device="cpu"``).
@@ -256,7 +256,8 @@ def evaluate_methods(base: Any, spec: Any, methods: list[Method]) -> dict[str, f
     from quantdag.model import loading as modeling
     from quantdag.format.reader import load_nvfp4_model
     from quantdag.runtime.store import file_sha256
-    from tasks.evaluate import compare_logits, eval_windows, load_eval_text, summarise
+    from quantdag.evaluation.logprobs import compare_logits, summarise
+    from tasks.evaluate import eval_windows, load_eval_text
 
     windows = eval_windows(load_eval_text(spec), modeling.load_tokenizer(base), spec)
     reference = modeling.load_model(base, torch.device("cpu"), dtype=torch.float32).model

@@ -156,6 +156,19 @@ class EvalSpec(FrozenModel):
         return self
 
 
+class PlacementSpec(FrozenModel):
+    """Where model steps put the weights: one device when they fit its budget, else spread (GiB = 2**30 bytes)."""
+
+    memory_budget_gib: float | None = Field(None, gt=0, description=(
+        "GiB each device may hold for one model step (each GPU it uses; host RAM with device: cpu). "
+        "null: a GPU's whole memory, no limit on the CPU. Weights that do not fit go to the next GPU "
+        "(placement.gpus), then host RAM, then disk"))
+    reserve_fraction: float = Field(0.2, ge=0.0, lt=1.0, description=(
+        "part of the budget kept free of weights: activations, calibration statistics, allocator slack"))
+    gpus: int = Field(1, ge=1, le=64, description=(
+        "GPUs one model step may spread its layers over, from the GPU it holds on (visible ordinals)"))
+
+
 _NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
 
 
@@ -173,6 +186,7 @@ class Profile(FrozenModel):
     tracking_uri: str = Field(description="MLflow tracking URI: sqlite:///path.db or http(s)://host:port")
     registered_model_name: str | None = Field(None, description="defaults to '<name>'")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    placement: PlacementSpec = PlacementSpec()
     calibration_gpus: int = Field(1, ge=1, le=64, description=(
         "GPUs calibration may use at once. 1: calibration runs in the flow's process, both branches on ONE "
         "model load when no branch is sharded, shards one after another. N > 1: each branch (or shard) is a task "

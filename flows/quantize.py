@@ -1,8 +1,7 @@
 """The quantize flow: BF16 base -> calibrated, merged, exported, evaluated NVFP4 checkpoint.
 
-    fetch_image_text --+
-                       +-> calibrate (1..N calls) -> merge_amax -> export -> audit, evaluate -> register
-    fetch_text --------+
+    fetch_image_text(_heldout), fetch_text -> bf16_reference -> calibrate (1..N calls) -> merge_amax
+        -> export -> audit, evaluate (against the stored reference) -> register
 
 Every step is a cached Prefect task keyed on its inputs + source + code version. Tasks run in
 threads of the flow's process (``ThreadPoolTaskRunner``), so a rerun whose steps are all cached
@@ -15,7 +14,11 @@ sharded branch, ONE call calibrates both branches on one model load; otherwise e
 is a call of its own, one after another (``calibration_gpus: 1``) or in a pool of N worker
 processes (``ProcessPoolTaskRunner``), one GPU each, that ends before export loads the model.
 Each call returns a state per branch label (``text``, ``text[1]``...); merge takes their union.
-A text-only base skips the image-text branch. Before any model loads, ``preflight`` probes S3 and
+A text-only base skips the image-text branch. The BF16 reference (``tasks/reference.py``) runs
+before calibration and leaves its loaded model to it, calibration leaves the calibrated model to
+export (``quantdag.model.warm``): one load of the base for the three when none is cached, plus one
+read of the export by evaluate; each model step places the model within ``placement``'s memory
+budget (``quantdag.model.placement``). Before any model loads, ``preflight`` probes S3 and
 MLflow and ``reap_stale_runs`` ends the MLflow runs of killed flow runs; the hooks end this run's
 MLflow runs when it fails, crashes or is cancelled.
 """
@@ -32,6 +35,7 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from conf.schema import Profile
+from quantdag.model.warm import release as release_kept_model
 from quantdag.runtime.deploy import with_revision
 from quantdag.runtime.lineage import Lineage
 from quantdag.runtime.reaper import end_tracking_hook
@@ -44,6 +48,7 @@ from tasks.export import export_task
 from tasks.fetch import fetch_image_text_task, fetch_text_task
 from tasks.merge import merge_amax_task
 from tasks.preflight import preflight_task
+from tasks.reference import bf16_reference_task
 from tasks.reap import reap_stale_runs_task
 from tasks.resolve import resolve_base_task
 
@@ -69,6 +74,10 @@ def quantize(profile: Profile, revision: str | int | float | None = None) -> dic
         futures["fetch_image_text"] = fetch_image_text_task.submit(profile.image_text, store, cv)
     else:
         logger.info("base %s is text-only (or image_text is null): skipping the image-text branch", base.model_type)
+    heldout = _heldout_image_text(profile, futures, cv)
+    # the BF16 reference runs first: calibration then takes its loaded model (one load for both)
+    futures["bf16_reference"] = bf16_reference_task.submit(
+        base, profile.eval, store, profile.device, cv, profile.placement, heldout, profile.image_text if heldout else None)
     calls = _calibrations(base, futures, profile, cv)
     futures |= {f"calibrate_{label}": _Output(call, label) for call, labels in calls for label in labels}
     try:
@@ -76,11 +85,12 @@ def quantize(profile: Profile, revision: str | int | float | None = None) -> dic
             future.result()
         states = {label: ref for call, _ in calls for label, ref in call.result().items()}  # every call's, unioned
         futures["merge_amax"] = merge_amax_task.submit(states, store, cv, wait_for=[call for call, _ in calls])
-        futures["export"] = export_task.submit(base, futures["merge_amax"], profile.recipe, store, profile.device, cv)
+        futures["export"] = export_task.submit(base, futures["merge_amax"], profile.recipe, store, profile.device, cv,
+                                               profile.placement)
         futures["audit"] = audit_task.submit(base, futures["export"], store, cv)
-        heldout = _heldout_image_text(profile, futures, cv)
-        futures["evaluate"] = evaluate_task.submit(base, futures["export"], profile.eval, store, profile.device, cv,
-                                                   heldout, profile.image_text if heldout else None)
+        futures["evaluate"] = evaluate_task.submit(base, futures["export"], futures["bf16_reference"], profile.eval,
+                                                   store, profile.device, cv, profile.placement, heldout,
+                                                   profile.image_text if heldout else None)
         for future in futures.values():
             future.result()  # a failed audit keeps the checkpoint out of the registry
         checkpoint, report = futures["export"].result(), futures["evaluate"].result()
@@ -91,6 +101,8 @@ def quantize(profile: Profile, revision: str | int | float | None = None) -> dic
         lineage.record_steps(futures, ArtifactStore(store))
         lineage.finish({}, failed=True)
         raise
+    finally:
+        release_kept_model()  # a model no later step of this run takes (e.g. export was a cache hit)
     cached = lineage.record_steps(futures, ArtifactStore(store))
     lineage.finish(report.meta)
     create_markdown_artifact(key=f"quantize-{profile.name}".replace(".", "-"),
@@ -124,11 +136,11 @@ def _calibrations(base: Any, futures: dict[str, Any], profile: Profile, cv: str)
                if f"fetch_{kind}" in futures}
     calls = [{"base": base, "rows": {kind: futures[f"fetch_{kind}"] for kind in shards}, "recipe": profile.recipe,
               "sources": {kind: sources[kind] for kind in shards}, "artifact_store": profile.artifact_store,
-              "device": profile.device, "code_version": cv, "shards": shards}
+              "device": profile.device, "code_version": cv, "shards": shards, "placement": profile.placement}
              for shards in calibration_calls({kind: source.shards for kind, source in sources.items()},
                                              profile.calibration_gpus)]
-    if profile.calibration_gpus == 1:
-        submitted = [calibrate_task.submit(**parameters) for parameters in calls]
+    if profile.calibration_gpus == 1:  # after the reference, whose loaded model the first call takes
+        submitted = [calibrate_task.submit(**parameters, wait_for=[futures["bf16_reference"]]) for parameters in calls]
     else:  # one worker process per GPU; the pool ends (and frees its GPUs) before export loads the model
         with ProcessPoolTaskRunner(max_workers=min(profile.calibration_gpus, len(calls))) as pool:
             submitted = [pool.submit(calibrate_task, parameters) for parameters in calls]

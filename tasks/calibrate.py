@@ -33,14 +33,17 @@ from typing import Any, Callable
 
 import torch
 
-from conf.schema import ImageTextSource, RecipeSpec, TextSource
+from conf.schema import ImageTextSource, PlacementSpec, RecipeSpec, TextSource
 from quantdag.calibration.fast_max import ForwardLoop, fast_max_loop
 from quantdag.calibration.quantizer_state import amax_summary, collect_state, require_valid_inputs, save_state
 from quantdag.calibration.recipe import build_quant_config
 from quantdag.calibration.session import recalibrate, reset_calibration
 from quantdag.model import loading as modeling
-from quantdag.runtime import devices
+from quantdag.model import warm
 from quantdag.model.loading import BaseRef
+from quantdag.model.placement import placement_record
+from quantdag.runtime import devices
+from quantdag.runtime.measure import step_meter
 from quantdag.runtime.prefect_task import quantdag_task
 from quantdag.runtime.progress import Progress
 from quantdag.runtime.store import ArtifactRef, ArtifactStore
@@ -240,8 +243,14 @@ def _check_call(rows: dict[str, ArtifactRef], sources: dict[str, Any], shards: d
 
 def calibrate(base: BaseRef, rows: dict[str, ArtifactRef], recipe: RecipeSpec,
               sources: dict[str, ImageTextSource | TextSource], store: ArtifactStore, device: str = "auto",
-              shards: dict[str, Shard] | None = None, fast: bool = True) -> dict[str, ArtifactRef]:
+              shards: dict[str, Shard] | None = None, fast: bool = True,
+              placement: PlacementSpec = PlacementSpec()) -> dict[str, ArtifactRef]:
     """Calibrate every branch in ``rows`` on one load of the base; store one quantizer state each.
+
+    The base is the model this process kept from its previous model step
+    (:mod:`quantdag.model.warm`: the BF16 reference's, or an earlier calibration's with the same
+    recipe), else it is loaded, placed within the memory budget (:mod:`quantdag.model.placement`).
+    The calibrated model is kept for export.
 
     Args:
         base: the resolved base checkpoint.
@@ -256,13 +265,15 @@ def calibrate(base: BaseRef, rows: dict[str, ArtifactRef], recipe: RecipeSpec,
             shards' states equals one pass over every row, bit for bit (each row runs alone).
         fast: run the loops under :func:`quantdag.calibration.fast_max.fast_max_loop` (same
             amax, fewer kernels).
+        placement: the profile's placement (memory budget per device); amax do not depend on it.
 
     Returns:
         Branch label (:func:`branch_label`) -> ``quantizer-state`` artifact
         (``quantizer_state.pt`` + ``metrics.json``). Its ``meta`` holds ``kind``, ``shard``,
-        ``num_shards`` and the metrics: rows, tokens, seconds (``load_seconds``, 0 for every
-        branch but the first; ``calibrate_seconds``), tokens_per_second, ``model_loads`` (1 for
-        the first branch, 0 for the others), ``shared_branches`` (branches on this load), amax
+        ``num_shards``, the placement and the metrics: rows, tokens, seconds (``load_seconds``, 0
+        for every branch but the first; ``calibrate_seconds``), tokens_per_second, ``model_loads``
+        (1 for the first branch when this call read the base, else 0), ``shared_branches``
+        (branches on this load), ``peak_gpu_bytes`` / ``peak_rss_bytes`` of the call, amax
         statistics, and for image_text the vision-tower counts.
 
     Raises:
@@ -287,38 +298,46 @@ def calibrate(base: BaseRef, rows: dict[str, ArtifactRef], recipe: RecipeSpec,
         stats[kind] = empty_stats()
         loop = CALIBRATORS[kind](base, rows_dir, kind_rows, sources[kind], torch_device, stats[kind])
         loops[kind] = fast_max_loop(loop) if fast else loop
-    # CPUs have no fast BF16 matmul: there the BF16 weights are upcast (exactly) and activations
-    # run in float32, so input amax carry no BF16 rounding; on CUDA the model runs in BF16.
-    loaded = modeling.load_model(base, torch_device)
-    if torch_device.type == "cpu":
-        loaded.model.float()
-    import modelopt.torch.quantization as mtq
+    with step_meter() as meter:
+        held = _base_for(recipe, base, torch_device, placement)
+        import modelopt.torch.quantization as mtq
 
-    config, model, refs = build_quant_config(recipe), loaded.model, {}
-    for index, (kind, loop) in enumerate(loops.items()):
-        start = time.perf_counter()
-        if index == 0:
-            model = mtq.quantize(model, config, forward_loop=loop)
-        else:
-            reset_calibration(model)
-            recalibrate(model, config["algorithm"], loop)
-        seconds = time.perf_counter() - start
-        if kind == "image_text":
-            check_vision(stats[kind])
-        shard, count = shards[kind]
-        label = branch_label(kind, shard, count)
-        state = collect_state(model)
-        require_valid_inputs(state, where=f"calibrate_{label}")
-        metrics = {**stats[kind], "load_seconds": loaded.load_seconds if index == 0 else 0.0,
-                   "model_loads": 1.0 if index == 0 else 0.0, "shared_branches": float(len(loops)),
-                   "calibrate_seconds": seconds,
-                   "tokens_per_second": stats[kind]["tokens"] / seconds if seconds else 0.0, **amax_summary(state)}
-        if kind != "image_text":
-            for key in VISION_STATS:
-                metrics.pop(key)
-        refs[label] = _store_state(state, metrics, store, {"kind": kind, "shard": shard, "num_shards": count})
-    del model, loaded  # the task wrapper (quantdag.runtime.prefect_task) then collects and empties the CUDA cache
+        config, model, refs, where = build_quant_config(recipe), held.model, {}, placement_record(held.placement)
+        for index, (kind, loop) in enumerate(loops.items()):
+            start = time.perf_counter()
+            if index == 0 and held.stage == "bf16":
+                model = mtq.quantize(model, config, forward_loop=loop)
+            else:  # a later branch, or quantizers already inserted by an earlier call of this process
+                reset_calibration(model)
+                recalibrate(model, config["algorithm"], loop)
+            seconds = time.perf_counter() - start
+            if kind == "image_text":
+                check_vision(stats[kind])
+            shard, count = shards[kind]
+            label = branch_label(kind, shard, count)
+            state = collect_state(model)  # stored now: the next branch's reset changes what it refers to
+            require_valid_inputs(state, where=f"calibrate_{label}")
+            first = index == 0
+            metrics = {**stats[kind], **meter.record(), "load_seconds": held.load_seconds if first else 0.0,
+                       "model_loads": 1.0 if first and held.loaded else 0.0, "shared_branches": float(len(loops)),
+                       "calibrate_seconds": seconds,
+                       "tokens_per_second": stats[kind]["tokens"] / seconds if seconds else 0.0, **amax_summary(state)}
+            if kind != "image_text":
+                for key in VISION_STATS:
+                    metrics.pop(key)
+            refs[label] = _store_state(state, metrics, store, {"kind": kind, "shard": shard, "num_shards": count, **where})
+        warm.keep(held.key, model, "quantized", recipe=recipe.model_dump_json())  # export takes it: no reload
+        del model, held
     return refs
+
+
+def _base_for(recipe: RecipeSpec, base: BaseRef, device: torch.device, placement: PlacementSpec) -> warm.BaseModel:
+    """The base for calibration: the model this process kept (BF16, or quantized with ``recipe``), else a load."""
+    held = warm.base_model(base, device, placement)
+    if held.stage == "quantized" and held.note.get("recipe") != recipe.model_dump_json():
+        del held  # quantizers of another recipe: start from the files
+        return warm.base_model(base, device, placement)
+    return held
 
 
 def _store_state(state: dict[str, Any], metrics: dict[str, float], store: ArtifactStore,
@@ -341,6 +360,8 @@ def run_name(parameters: dict[str, Any]) -> str:
 @quantdag_task("calibrate", model_step=True, task_run_name=run_name)
 def calibrate_task(base: BaseRef, rows: dict[str, ArtifactRef], recipe: RecipeSpec,
                    sources: dict[str, ImageTextSource | TextSource], artifact_store: str, device: str,
-                   code_version: str, shards: dict[str, Shard] | None = None) -> dict[str, ArtifactRef]:
-    """Prefect wrapper of :func:`calibrate` (one model load for every branch of the call)."""
-    return calibrate(base, rows, recipe, sources, ArtifactStore(artifact_store), device, shards)
+                   code_version: str, shards: dict[str, Shard] | None = None,
+                   placement: PlacementSpec = PlacementSpec()) -> dict[str, ArtifactRef]:
+    """Prefect wrapper of :func:`calibrate` (one model load for every branch of the call; ``placement``
+    is not part of the cache key)."""
+    return calibrate(base, rows, recipe, sources, ArtifactStore(artifact_store), device, shards, placement=placement)

@@ -1,38 +1,43 @@
-"""Evaluate step: the EXPORTED NVFP4 checkpoint against its BF16 base on held-out text.
+"""Evaluate step: the EXPORTED NVFP4 checkpoint against the stored BF16 reference on held-out data.
 
-The NVFP4 side is the exported files read by ``quantdag.format.reader`` (E2M1 weights with their E4M3
-block scales and FP32 global scale; activations fake-quantized per 16-element block with the
-exported ``input_scale``), so what is measured is the file that will be deployed, not ModelOpt's
-in-memory model (which export mutates and whose shared-input amax differ from the file). Both
-models run in float32 so the comparison measures quantization, not bf16 rounding.
+The NVFP4 side is the exported files read by ``quantdag.format.reader`` (E2M1 weights with their
+E4M3 block scales and FP32 global scale, kept packed and dequantized per layer at run time;
+activations fake-quantized per 16-element block with the exported ``input_scale``), so what is
+measured is the file that will be deployed, not ModelOpt's in-memory model. It runs alone: the
+BF16 side is the ``bf16-reference`` artifact (``tasks/reference.py``: target log-probability and
+top-k of every scored position, computed once per base and evaluation data), so the step never
+holds two models. Compute is BF16 on a GPU and float32 on the CPU, as for the reference.
 
-Metrics over ``max_windows`` windows of ``seq_len`` tokens (next-token prediction):
-perplexity of each model, their ratio, mean token KL(BF16 || NVFP4) in nats, top-1 agreement;
-for a VLM with held-out image-text rows, the same over the answer tokens (full VLM forward);
-checkpoint bytes and bits per parameter against BF16.
+Metrics over the reference's windows (``max_windows`` x ``seq_len`` tokens, next-token
+prediction): perplexity of each model, their ratio, mean token KL(BF16 || NVFP4) in nats over
+the reference's top k plus the rest (``quantdag.evaluation.logprobs``), top-1 agreement; for a
+VLM with held-out image-text rows, the same over the answer tokens (full VLM forward); checkpoint
+bytes and bits per parameter against BF16.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import torch
-import torch.nn.functional as F
 
-from conf.schema import EvalSpec, ImageTextSource
+from conf.schema import EvalSpec, ImageTextSource, PlacementSpec
+from quantdag.evaluation.logprobs import RECORD_KEYS, REFERENCE_FILE, add, compare_to_reference, summarise
 from quantdag.model import loading as modeling
-from quantdag.runtime import devices
+from quantdag.model import warm
 from quantdag.model.loading import BaseRef
+from quantdag.runtime import devices
+from quantdag.runtime.measure import step_meter
+from quantdag.runtime.prefect_task import quantdag_task
 from quantdag.runtime.progress import Progress
 from quantdag.runtime.store import ArtifactRef, ArtifactStore
 from tasks.fetch import read_rows
-from quantdag.runtime.prefect_task import quantdag_task
 
 REPORT_KIND = "eval-report"
 
@@ -63,72 +68,24 @@ def eval_windows(text: str, tokenizer: Any, spec: EvalSpec) -> torch.Tensor:
     return ids[: windows * spec.seq_len].view(windows, spec.seq_len)
 
 
-def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits.float()
+def answer_inputs(base: BaseRef, rows_dir: Path, rows: list[dict[str, Any]], source: ImageTextSource,
+                  device: torch.device) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    """Each held-out image-text row as a full-VLM batch and the position of its first answer token.
 
+    Each row goes through the base's processor with its image (``input_ids`` with the vision
+    placeholders, ``pixel_values``, ``image_grid_thw``); the answer starts after the
+    ``add_generation_prompt`` rendering of the user turns.
 
-def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, ids: torch.Tensor,
-                   start: int = 1) -> dict[str, float]:
-    """Sums over next-token positions of one sequence.
-
-    Args:
-        reference, candidate: float32 ``[1, T, V]`` logits of the BF16 and NVFP4 models.
-        ids: int64 ``[1, T]`` input tokens.
-        start: first target position scored (1: every next token; an answer's first token
-            position: answer tokens only).
-
-    Returns:
-        ``nll_ref``, ``nll_cand`` (nats, summed), ``kl`` (KL(ref || cand), nats, summed),
-        ``agree`` (top-1 matches) and ``tokens`` (T - start positions).
-    """
-    targets = ids[:, start:]
-    ref = F.log_softmax(reference[:, start - 1:-1], dim=-1)
-    cand = F.log_softmax(candidate[:, start - 1:-1], dim=-1)
-    return {
-        "nll_ref": float(-ref.gather(-1, targets[..., None]).sum()),
-        "nll_cand": float(-cand.gather(-1, targets[..., None]).sum()),
-        "kl": float((ref.exp() * (ref - cand)).sum()),
-        "agree": float((ref.argmax(-1) == cand.argmax(-1)).sum()),
-        "tokens": float(targets.numel()),
-    }
-
-
-def summarise(totals: dict[str, float], prefix: str = "") -> dict[str, float]:
-    """Perplexities, their ratio, mean KL and top-1 agreement from summed statistics (keys prefixed)."""
-    tokens = totals["tokens"]
-    ppl_ref, ppl_cand = math.exp(totals["nll_ref"] / tokens), math.exp(totals["nll_cand"] / tokens)
-    metrics = {
-        "perplexity_bf16": ppl_ref,
-        "perplexity_nvfp4": ppl_cand,
-        "perplexity_ratio": ppl_cand / ppl_ref,
-        "kl_mean": totals["kl"] / tokens,
-        "top1_agreement": totals["agree"] / tokens,
-        "eval_tokens": tokens,
-    }
-    return {f"{prefix}{key}": value for key, value in metrics.items()}
-
-
-def _add(totals: dict[str, float], stats: dict[str, float]) -> dict[str, float]:
-    return {key: totals.get(key, 0.0) + value for key, value in stats.items()}
-
-
-def answer_token_stats(reference: torch.nn.Module, candidate: torch.nn.Module, base: BaseRef, rows_dir: Path,
-                       rows: list[dict[str, Any]], source: ImageTextSource, device: torch.device) -> dict[str, float]:
-    """Summed statistics over the ASSISTANT answer tokens of image-text rows, full VLM forward.
-
-    Each row runs once through both models with its image (processor -> ``pixel_values`` ->
-    vision tower -> language model); only the tokens after the prompt (``add_generation_prompt``
-    rendering of the user turns) are scored.
+    Yields:
+        ``(batch, start)``: tensors on ``device`` and the first scored target position.
 
     Raises:
-        ValueError: a row has no assistant answer to score.
+        ValueError: a row has no assistant answer to score (row id named).
     """
     from tasks.calibrate import chat_messages
 
     processor = modeling.load_processor(base)
-    totals: dict[str, float] = {}
-    with Progress("evaluate image_text", len(rows), key="evaluate-image-text") as bar:
+    with Progress("image_text answers", len(rows), key="image-text-answers") as bar:
         for row in rows:
             messages, images = chat_messages(rows_dir, row, source.max_image_pixels)
             if messages[-1]["role"] != "assistant":
@@ -137,52 +94,73 @@ def answer_token_stats(reference: torch.nn.Module, candidate: torch.nn.Module, b
                              return_tensors="pt")
             prompt_text = processor.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
             start = int(processor(text=[prompt_text], images=images or None, return_tensors="pt")["input_ids"].shape[1])
-            batch = {k: v.to(device) for k, v in full.items()}
-            with torch.no_grad():
-                ref = reference(**batch, use_cache=False).logits.float()
-                cand = candidate(**batch, use_cache=False).logits.float()
-            totals = _add(totals, compare_logits(ref, cand, batch["input_ids"], start=start))
+            yield {k: v.to(device) for k, v in full.items()}, start
             bar.update()
-    return totals
 
 
-def evaluate(base: BaseRef, checkpoint: ArtifactRef, spec: EvalSpec, store: ArtifactStore, device: str = "auto",
+def evaluate(base: BaseRef, checkpoint: ArtifactRef, reference: ArtifactRef, spec: EvalSpec, store: ArtifactStore,
+             device: str = "auto", placement: PlacementSpec = PlacementSpec(),
              image_text_rows: ArtifactRef | None = None, image_text_source: ImageTextSource | None = None) -> ArtifactRef:
-    """Evaluate the exported checkpoint against the BF16 base.
+    """Score the exported checkpoint against the stored BF16 reference.
 
-    ``image_text_rows`` (held-out rows, with ``image_text_source`` for the image size cap) adds the
-    same metrics over answer tokens of image-text rows, prefixed ``image_text_``.
+    Args:
+        base: the resolved base (its processor renders the held-out image-text rows).
+        checkpoint: the exported NVFP4 checkpoint.
+        reference: the ``bf16-reference`` artifact of the same base, ``spec`` and held-out rows.
+        spec: the evaluation spec (for the report).
+        store: the artifact store.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        placement: the profile's placement; the packed export must fit one device's budget.
+        image_text_rows: held-out image-text rows scored on their answer tokens, or None.
+        image_text_source: their source settings, with ``image_text_rows``.
 
     Returns:
         An ``eval-report`` artifact (``eval_report.json``, ``eval_report.md``); ``meta`` holds the
-        metrics of :func:`summarise` plus ``checkpoint_bytes``, ``base_bytes``,
-        ``bits_per_parameter`` and ``seconds``.
+        metrics of :func:`quantdag.evaluation.logprobs.summarise` plus ``checkpoint_bytes``,
+        ``base_bytes``, ``bits_per_parameter``, ``seconds``, ``model_loads`` (1: the export),
+        ``peak_gpu_bytes`` and ``peak_rss_bytes``.
 
     Raises:
-        ValueError: the eval text is too short (see :func:`eval_windows`).
+        ValueError: the packed export does not fit the memory budget of one device, or the
+            reference does not match the rows (a different number of rows or positions).
     """
+    from safetensors.torch import load_file
+
     from quantdag.format.reader import load_nvfp4_model
 
     start = time.perf_counter()
-    torch_device = devices.pick_device(device)
-    windows = eval_windows(load_eval_text(spec), modeling.load_tokenizer(base), spec)
-    export_dir = store.local_dir(checkpoint)
-    reference = modeling.load_model(base, torch_device, dtype=torch.float32).model
-    candidate = load_nvfp4_model(export_dir, dtype=torch.float32, device=torch_device).model.eval()
-    totals: dict[str, float] = {}
-    with Progress("evaluate", windows.shape[0], key="evaluate") as bar:
-        for window in windows:
-            ids = window[None].to(torch_device)
-            totals = _add(totals, compare_logits(_logits(reference, ids), _logits(candidate, ids), ids))
-            bar.update()
-    answers: dict[str, float] = {}
-    if image_text_rows is not None and image_text_source is not None:
-        rows_dir, rows = read_rows(store, image_text_rows)
-        stats = answer_token_stats(reference, candidate, base, rows_dir, rows, image_text_source, torch_device)
-        answers = {**summarise(stats, prefix="image_text_"), "image_text_rows": float(len(rows))}
-    params = sum(p.numel() for p in reference.parameters())
-    quantized_bytes = checkpoint.meta.get("safetensors_bytes") or sum(
-        size for name, size in checkpoint.files.items() if name.endswith(".safetensors"))
+    with step_meter() as meter:
+        warm.release()  # a model kept by calibration gives its memory back before the export is read
+        torch_device = devices.pick_device(device)
+        quantized_bytes = checkpoint.meta.get("safetensors_bytes") or sum(
+            size for name, size in checkpoint.files.items() if name.endswith(".safetensors"))
+        _check_fits(quantized_bytes, torch_device, placement)
+        tensors = load_file(str(store.local_dir(reference) / REFERENCE_FILE))
+        model = load_nvfp4_model(store.local_dir(checkpoint), dtype=warm.compute_dtype(torch_device),
+                                 device=torch_device, packed=True).model
+        modeling.count_model_load()
+        totals: dict[str, float] = {}
+        windows = tensors["text.ids"]
+        with torch.no_grad(), Progress("evaluate", windows.shape[0], key="evaluate") as bar:
+            for index in range(windows.shape[0]):
+                ids = windows[index][None].to(torch_device)
+                record = {key: tensors[f"text.{key}"][index] for key in RECORD_KEYS}
+                totals = add(totals, compare_to_reference(record, model(input_ids=ids, use_cache=False).logits, ids))
+                bar.update()
+            answers: dict[str, float] = {}
+            if image_text_rows is not None and image_text_source is not None:
+                rows_dir, rows = read_rows(store, image_text_rows)
+                offsets, stats = tensors["image_text.offsets"], {}
+                if offsets.numel() != len(rows) + 1:
+                    raise ValueError(f"reference {reference.uri} scores {offsets.numel() - 1} rows, the held-out set has {len(rows)}")
+                for index, (batch, first) in enumerate(answer_inputs(base, rows_dir, rows, image_text_source, torch_device)):
+                    span = slice(int(offsets[index]), int(offsets[index + 1]))
+                    record = {key: tensors[f"image_text.{key}"][span] for key in RECORD_KEYS}
+                    logits = model(**batch, use_cache=False).logits
+                    stats = add(stats, compare_to_reference(record, logits, batch["input_ids"], start=first))
+                answers = {**summarise(stats, prefix="image_text_"), "image_text_rows": float(len(rows))}
+        del model
+    params = reference.meta["parameters"]
     metrics = {
         **summarise(totals),
         **answers,
@@ -191,6 +169,7 @@ def evaluate(base: BaseRef, checkpoint: ArtifactRef, spec: EvalSpec, store: Arti
         "bits_per_parameter": 8.0 * quantized_bytes / params,
         "size_ratio_vs_bf16": quantized_bytes / (params * 2),
         "seconds": time.perf_counter() - start,
+        **meter.figures,
     }
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -199,17 +178,31 @@ def evaluate(base: BaseRef, checkpoint: ArtifactRef, spec: EvalSpec, store: Arti
         return store.put_dir(out, REPORT_KIND, metrics)
 
 
+def _check_fits(quantized_bytes: int, device: torch.device, placement: PlacementSpec) -> None:
+    """Raise ValueError when the packed export exceeds the room of one device's memory budget."""
+    if device.type != "cuda" or placement.memory_budget_gib is None:
+        return
+    room = placement.memory_budget_gib * (1 - placement.reserve_fraction) * (1 << 30)
+    if quantized_bytes > room:
+        raise ValueError(
+            f"evaluate: the packed export needs {quantized_bytes / (1 << 30):.1f} GiB, more than "
+            f"{room / (1 << 30):.1f} GiB of placement.memory_budget_gib={placement.memory_budget_gib} "
+            f"(reserve_fraction={placement.reserve_fraction}); raise the budget for evaluation")
+
+
 def report_markdown(metrics: dict[str, float], spec: EvalSpec) -> str:
     """A small markdown table of the evaluation metrics."""
     rows = "\n".join(f"| {name} | {value:.6g} |" for name, value in metrics.items())
     source = spec.path or f"{spec.repo_id}/{spec.config}/{spec.split}"
     return (f"# NVFP4 vs BF16\n\nHeld-out text: `{source}`, {spec.max_windows} windows x {spec.seq_len} tokens "
-            f"(float32 compute; NVFP4 read from the exported files).\n\n| metric | value |\n|---|---|\n{rows}\n")
+            f"(NVFP4 read from the exported files, scored against the stored BF16 reference).\n\n| metric | value |\n|---|---|\n{rows}\n")
 
 
 @quantdag_task("evaluate", model_step=True)
-def evaluate_task(base: BaseRef, checkpoint: ArtifactRef, spec: EvalSpec, artifact_store: str, device: str,
-                  code_version: str, image_text_rows: ArtifactRef | None = None,
+def evaluate_task(base: BaseRef, checkpoint: ArtifactRef, reference: ArtifactRef, spec: EvalSpec, artifact_store: str,
+                  device: str, code_version: str, placement: PlacementSpec = PlacementSpec(),
+                  image_text_rows: ArtifactRef | None = None,
                   image_text_source: ImageTextSource | None = None) -> ArtifactRef:
-    """Prefect wrapper of :func:`evaluate`."""
-    return evaluate(base, checkpoint, spec, ArtifactStore(artifact_store), device, image_text_rows, image_text_source)
+    """Prefect wrapper of :func:`evaluate` (``placement`` is not part of the cache key)."""
+    return evaluate(base, checkpoint, reference, spec, ArtifactStore(artifact_store), device, placement,
+                    image_text_rows, image_text_source)

@@ -1,10 +1,10 @@
 """Export step: BF16 base + merged quantizer state -> a deployable NVFP4 checkpoint.
 
-A freshly loaded BF16 base gets the quantizers back (``restore_from_modelopt_state``) and the
-merged amax; ModelOpt's unified HF export (``export_hf_checkpoint``) then writes packed E2M1
-weights (``uint8 [out, in/2]``), E4M3 block scales (``weight_scale``, ``[out, in/16]``), FP32
-``weight_scale_2`` and ``input_scale``, ``hf_quant_config.json`` and ``config.json``
-``quantization_config``. transformers does not load the multi-token-prediction head (``mtp.*``),
+The calibrated model (kept in memory by calibration, or a fresh BF16 load that gets the
+quantizers back with ``restore_from_modelopt_state``) gets the merged amax; ModelOpt's unified HF
+export (``export_hf_checkpoint``) then writes packed E2M1 weights (``uint8 [out, in/2]``), E4M3
+block scales (``weight_scale``, ``[out, in/16]``), FP32 ``weight_scale_2`` and ``input_scale``,
+``hf_quant_config.json`` and ``config.json`` ``quantization_config``. transformers does not load the multi-token-prediction head (``mtp.*``),
 so those tensors are read from the base's safetensors and written unchanged through
 ``extra_state_dict``, and ``mtp.*`` is added to ``exclude_modules``. Tokenizer, processor, chat
 template and generation config are copied from the base.
@@ -21,13 +21,16 @@ from pathlib import Path
 
 import torch
 
-from conf.schema import RecipeSpec
+from conf.schema import PlacementSpec, RecipeSpec
 from quantdag.format.checkpoint import Checkpoint
+from quantdag.calibration.quantizer_state import STATE_FILE, apply_state, load_amax, load_state
 from quantdag.model import loading as modeling
-from quantdag.runtime import devices
+from quantdag.model import warm
 from quantdag.model.loading import BaseRef
+from quantdag.model.placement import placement_record
+from quantdag.runtime import devices
+from quantdag.runtime.measure import step_meter
 from quantdag.runtime.progress import Progress
-from quantdag.calibration.quantizer_state import STATE_FILE, apply_state, load_state
 from quantdag.runtime.store import ArtifactRef, ArtifactStore
 from quantdag.runtime.prefect_task import quantdag_task
 
@@ -75,8 +78,14 @@ def copy_side_files(base: BaseRef, export_dir: Path) -> list[str]:
 
 
 def export_checkpoint(base: BaseRef, state_ref: ArtifactRef, recipe: RecipeSpec, store: ArtifactStore,
-                      device: str = "auto") -> ArtifactRef:
+                      device: str = "auto", placement: PlacementSpec = PlacementSpec()) -> ArtifactRef:
     """Export the NVFP4 checkpoint and store it.
+
+    The model is the one calibration left in this process (:mod:`quantdag.model.warm`) when there
+    is one: the run then loads the base once for calibration and export. Otherwise (calibration
+    was a cache hit or ran in another process) the base is loaded, placed within the memory
+    budget, and the quantizers restored. An offloaded model is exported by ModelOpt's streaming
+    path, one layer at a time.
 
     The checkpoint is written into ``store.scratch_dir()`` and stored with ``put_dir(move=True)``:
     on a local store its files (8-60 GB for large bases) are renamed into the store, not copied,
@@ -88,10 +97,12 @@ def export_checkpoint(base: BaseRef, state_ref: ArtifactRef, recipe: RecipeSpec,
         recipe: the recipe (its ``kv_cache`` setting is recorded in ``meta``).
         store: destination artifact store.
         device: where the export math runs (``auto``: CUDA when available).
+        placement: the profile's placement (memory budget per device).
 
     Returns:
         A ``checkpoint`` artifact; ``meta`` has ``bytes``, ``mtp_tensors``, ``seconds``,
-        ``quant_algo``, ``kv_cache_quant_algo``, ``exclude_modules`` and the base identity.
+        ``model_loads``, ``peak_gpu_bytes``, ``peak_rss_bytes``, the placement, ``quant_algo``,
+        ``kv_cache_quant_algo``, ``exclude_modules`` and the base identity.
 
     Raises:
         RuntimeError: ModelOpt wrote no ``hf_quant_config.json`` (nothing was quantized).
@@ -100,12 +111,12 @@ def export_checkpoint(base: BaseRef, state_ref: ArtifactRef, recipe: RecipeSpec,
     from modelopt.torch.export import export_hf_checkpoint
 
     start = time.perf_counter()
-    with Progress("export", 4, key="export") as bar:
+    with step_meter() as meter, Progress("export", 4, key="export") as bar:
         state = load_state(store.local_dir(state_ref) / STATE_FILE)
-        loaded = modeling.load_model(base, devices.pick_device(device))
-        load_seconds = loaded.load_seconds
+        model, held = _quantized_model(base, state, recipe, devices.pick_device(device), placement)
+        load_seconds, loaded, where = held.load_seconds, held.loaded, placement_record(held.placement)
+        del held
         bar.update()
-        model = apply_state(loaded.model, state)
         mtp = read_mtp_tensors(Path(base.source_dir)) if not base.gguf_file else {}
         if mtp:
             model._mtp_layer_prefixes = [MTP_PREFIX]  # ModelOpt adds "mtp.*" to exclude_modules
@@ -113,7 +124,7 @@ def export_checkpoint(base: BaseRef, state_ref: ArtifactRef, recipe: RecipeSpec,
         with store.scratch_dir() as out:  # on the store's filesystem: put_dir(move=True) renames, no copy
             with torch.no_grad():
                 export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=out, extra_state_dict=mtp or None)
-            del model, loaded
+            del model  # packed in place by the export: never kept for another step
             bar.update()
             quant_file = out / "hf_quant_config.json"
             if not quant_file.is_file():
@@ -128,6 +139,9 @@ def export_checkpoint(base: BaseRef, state_ref: ArtifactRef, recipe: RecipeSpec,
                 "side_files": side,
                 "seconds": time.perf_counter() - start,
                 "load_seconds": load_seconds,
+                "model_loads": 1.0 if loaded else 0.0,
+                **{key: value for key, value in meter.record().items() if key != "model_loads"},
+                **where,
                 "quant_algo": quant.get("quant_algo"),
                 "kv_cache_quant_algo": quant.get("kv_cache_quant_algo"),
                 "group_size": quant.get("group_size"),
@@ -140,8 +154,41 @@ def export_checkpoint(base: BaseRef, state_ref: ArtifactRef, recipe: RecipeSpec,
             return store.put_dir(out, CHECKPOINT_KIND, meta, move=True)
 
 
+def _quantized_model(base: BaseRef, state: dict, recipe: RecipeSpec, device: torch.device,
+                     placement: PlacementSpec) -> tuple[torch.nn.Module, warm.BaseModel]:
+    """The base with the state's quantizers and amax, in BF16 weights, ready for ModelOpt's export.
+
+    The model calibration kept in this process (same base, placement and recipe) only gets the
+    merged amax; a kept BF16 model or a fresh load gets the quantizers restored
+    (``apply_state``). Weights computed in float32 on the CPU go back to BF16 (exact: they were
+    loaded from BF16), so the exported bytes do not depend on where the model came from.
+    """
+    held = warm.base_model(base, device, placement)
+    if held.stage == "quantized" and held.note.get("recipe") == recipe.model_dump_json():
+        model = load_amax(held.model, state)
+    else:
+        if held.stage == "quantized":  # quantizers of another recipe: start from the files
+            del held
+            held = warm.base_model(base, device, placement)
+        model = apply_state(held.model, state)
+    if any(param.dtype == torch.float32 for param in model.parameters()):
+        _back_to_bf16(model)
+    return model, held
+
+
+def _back_to_bf16(model: torch.nn.Module) -> None:
+    """Weights upcast for CPU compute go back to BF16, and the config says so again (``config.json``)."""
+    for param in model.parameters():
+        if param.dtype == torch.float32 and param.device.type != "meta":
+            param.data = param.data.to(torch.bfloat16)
+    config = model.config
+    for sub in [config, *(getattr(config, name, None) for name in getattr(config, "sub_configs", {}))]:
+        if sub is not None and getattr(sub, "dtype", None) in (torch.float32, "float32"):
+            sub.dtype = torch.bfloat16
+
+
 @quantdag_task("export", model_step=True)
 def export_task(base: BaseRef, state: ArtifactRef, recipe: RecipeSpec, artifact_store: str, device: str,
-                code_version: str) -> ArtifactRef:
-    """Prefect wrapper of :func:`export_checkpoint`."""
-    return export_checkpoint(base, state, recipe, ArtifactStore(artifact_store), device)
+                code_version: str, placement: PlacementSpec = PlacementSpec()) -> ArtifactRef:
+    """Prefect wrapper of :func:`export_checkpoint` (``placement`` is not part of the cache key)."""
+    return export_checkpoint(base, state, recipe, ArtifactStore(artifact_store), device, placement)

@@ -72,3 +72,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent (real cnn_dailymail / WikiText-2 rows live there)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _no_model_kept_between_tests():
+    """Drop the model a model step kept in this process (``quantdag.model.warm``) after each test."""
+    yield
+    from quantdag.model import warm
+
+    warm.release()

@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "quantdag.model": 2,
     "quantdag.demo": 2,
     "quantdag.calibration": 3,
+    "quantdag.evaluation": 3,
     "quantdag.runtime": 4,
     "tasks": 5,
     "flows": 6,

@@ -72,6 +72,8 @@ def _eligible(module: torch.nn.Module) -> bool:
         return False
     if type(module).forward is not QuantLinearConvBase.forward or "_forward_pre_dm" in module.__dict__:
         return False
+    if "forward" in module.__dict__:  # an instance forward: a hook (accelerate's offload) must keep running
+        return False
     if getattr(module, "original_cls", None) is None or module.original_cls.forward is not torch.nn.Linear.forward:
         return False
     inputs, weights, outputs = module.input_quantizer, module.weight_quantizer, module.output_quantizer
@@ -83,7 +85,7 @@ def _eligible(module: torch.nn.Module) -> bool:
 def _fast_forward(module: torch.nn.Module, last: _LastInput, records: list) -> Any:
     """``forward`` for an eligible module: ``F.linear`` plus the (min, max) of its input."""
     original = type(module).forward
-    weight, bias = module._parameters["weight"], module._parameters.get("bias")
+    params = module._parameters  # read per call: an offload hook (accelerate) swaps the tensors in and out
     inputs, outputs = module.input_quantizer, module.output_quantizer
     collect = not inputs._disabled
 
@@ -95,7 +97,7 @@ def _fast_forward(module: torch.nn.Module, last: _LastInput, records: list) -> A
                 records.append(last.minmax_of(x))
             else:
                 inputs._input_dtype = x.dtype  # what a disabled quantizer records when called
-        out = F.linear(x, weight, bias)
+        out = F.linear(x, params["weight"], params.get("bias"))
         if out.numel():
             outputs._input_dtype = out.dtype
         return out

@@ -121,13 +121,25 @@ def apply_state(model: torch.nn.Module, state: dict[str, Any]) -> torch.nn.Modul
     """
     import modelopt.torch.opt as mto
 
-    model = mto.restore_from_modelopt_state(model, state["modelopt_state"])
+    return load_amax(mto.restore_from_modelopt_state(model, state["modelopt_state"]), state)
+
+
+def load_amax(model: torch.nn.Module, state: dict[str, Any]) -> torch.nn.Module:
+    """Set every quantizer's amax of an already quantized ``model`` to the state's (e.g. merged) values.
+
+    The model's quantizers must be the state's: a model calibrated in this process with the same
+    recipe, or one :func:`apply_state` restored. Each amax goes to the device of the model's first
+    parameter, in the state's dtype (float32).
+
+    Raises:
+        ValueError: a quantizer named in the state does not exist in the model.
+    """
     quantizers = _quantizers(model)
     unknown = sorted(set(state["amax"]) - set(quantizers))
     if unknown:
         raise ValueError(f"quantizer state names {len(unknown)} quantizers absent from the model: {unknown[:5]}")
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     for name, value in state["amax"].items():
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
         quantizers[name].amax = value.to(device)
     return model
 

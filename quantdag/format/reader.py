@@ -33,6 +33,7 @@ from quantdag.format.nvfp4 import BLOCK_SIZE, dequantize_weight, fake_quantize_a
 __all__ = [
     "LoadedNVFP4Model",
     "NVFP4Linear",
+    "PackedNVFP4Linear",
     "count_quantized",
     "load_nvfp4_model",
 ]
@@ -98,6 +99,48 @@ class NVFP4Linear(nn.Linear):
         return f"{super().extra_repr()}, nvfp4 W4A4, input_scale={float(self.input_scale):.3e}"
 
 
+class PackedNVFP4Linear(nn.Module):
+    """An :class:`NVFP4Linear` that keeps the export's packed weight and dequantizes it per forward.
+
+    Holds what the file holds (``uint8 [out, in/2]`` E2M1 codes, ``float8_e4m3fn [out, in/16]``
+    block scales, the FP32 ``weight_scale_2``): about 0.56 bytes a weight instead of 2 (BF16), so
+    a 27B export runs in the memory of its file. Each forward dequantizes into ``dtype`` (one
+    layer's weight at a time) and computes exactly what :class:`NVFP4Linear` computes.
+
+    Attributes:
+        weight_packed, weight_scale, weight_scale_2, input_scale: the exported tensors (buffers).
+        bias: optional ``[out]`` in ``dtype``.
+    """
+
+    def __init__(self, packed: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor,
+                 input_scale: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16,
+                 block_size: int = BLOCK_SIZE) -> None:
+        """Keep the packed tensors; ``dtype`` is the compute dtype of the dequantized weight.
+
+        Raises:
+            ValueError: the tensors do not have the NVFP4 layout (checked by one dequantization).
+        """
+        super().__init__()
+        dequantize_weight(packed[:1], weight_scale[:1], weight_scale_2, block_size)  # layout check, one row
+        self.in_features, self.out_features = packed.shape[1] * 2, packed.shape[0]
+        self.register_buffer("weight_packed", packed)
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("weight_scale_2", weight_scale_2.detach().float().reshape(()).clone())
+        self.register_buffer("input_scale", input_scale.detach().float().reshape(()).clone())
+        self.bias = nn.Parameter(bias.to(dtype), requires_grad=False) if bias is not None else None
+        self.dtype, self.block_size = dtype, block_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., in]`` -> ``[..., out]`` in ``dtype``, as :meth:`NVFP4Linear.forward`."""
+        weight = dequantize_weight(self.weight_packed, self.weight_scale, self.weight_scale_2, self.block_size)
+        quantized = fake_quantize_activation(x, self.input_scale, self.block_size)
+        return F.linear(quantized.to(self.dtype), weight.to(self.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nvfp4 W4A4 packed, "
+                f"input_scale={float(self.input_scale):.3e}")
+
+
 @dataclass(frozen=True)
 class LoadedNVFP4Model:
     """What :func:`load_nvfp4_model` returns.
@@ -129,6 +172,7 @@ def load_nvfp4_model(
     *,
     fake_quant_kv: bool = True,
     device: str | torch.device = "cpu",
+    packed: bool = False,
 ) -> LoadedNVFP4Model:
     """Load a ModelOpt NVFP4 export as a transformers model that runs on the CPU.
 
@@ -154,6 +198,9 @@ def load_nvfp4_model(
         fake_quant_kv: emulate the FP8 KV cache; False keeps K/V in ``dtype``.
         device: where the model is built and the weights are dequantized (a CUDA device skips
             the host-side dequantization, minutes for a large checkpoint).
+        packed: keep quantized linears packed as in the file (:class:`PackedNVFP4Linear`,
+            dequantized per forward) instead of dequantized (:class:`NVFP4Linear`); same outputs,
+            a quarter of the weight memory.
 
     Returns:
         :class:`LoadedNVFP4Model` with the eval-mode model and what was read.
@@ -163,6 +210,7 @@ def load_nvfp4_model(
             FP8 while ``fake_quant_kv`` is set, or the tensors do not match the model class (the
             message lists every offending tensor or module).
     """
+    from accelerate.utils import set_module_tensor_to_device
     from transformers.initialization import no_init_weights
 
     export_dir = Path(export_dir)
@@ -178,8 +226,18 @@ def load_nvfp4_model(
     model_cls, config = model_class_and_config(export_dir)
     checkpoint.tensors  # every header read (and checked) before the model is built
     device = torch.device(device)
-    with no_init_weights(), device:
-        model = model_cls._from_config(config, dtype=dtype)
+    if packed:  # parameters on meta until read: the full-precision linears are never allocated
+        from accelerate import init_empty_weights
+
+        with no_init_weights(), init_empty_weights(include_buffers=False):
+            model = model_cls._from_config(config, dtype=dtype)
+        for module in model.modules():
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None and buffer.device.type != "meta":
+                    module._buffers[name] = buffer.to(device)
+    else:
+        with no_init_weights(), device:
+            model = model_cls._from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
     plan = plan_tensors(checkpoint, model)
     missing, tied = unloaded_keys(model, plan)
@@ -189,12 +247,18 @@ def load_nvfp4_model(
     with checkpoint.reader() as reader:
         state = model.state_dict(keep_vars=True)
         for key in plan.plain:
-            state[key].copy_(reader[key])
+            if state[key].device.type == "meta":
+                set_module_tensor_to_device(model, key, device, value=reader[key], dtype=state[key].dtype)
+            else:
+                state[key].copy_(reader[key])
         for prefix, parts in plan.quantized.items():
-            packed, scale, scale_2 = (reader[parts[s]].to(device) for s in NVFP4_SUFFIXES[:3])
-            weight = dequantize_weight(packed, scale, scale_2)
+            codes, scale, scale_2 = (reader[parts[s]].to(device) for s in NVFP4_SUFFIXES[:3])
             bias = reader[parts["bias"]].to(device) if "bias" in parts else None
-            layer = NVFP4Linear(weight.to(dtype), reader[parts["input_scale"]].to(device), bias)
+            input_scale = reader[parts["input_scale"]].to(device)
+            if packed:
+                layer = PackedNVFP4Linear(codes, scale, scale_2, input_scale, bias, dtype)
+            else:
+                layer = NVFP4Linear(dequantize_weight(codes, scale, scale_2).to(dtype), input_scale, bias)
             parent, _, child = prefix.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
         if tied:

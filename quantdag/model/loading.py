@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,18 +113,46 @@ class LoadedModel:
     load_seconds: float
 
 
-def load_model(base: BaseRef, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> LoadedModel:
+_loads = 0
+
+
+def count_model_load() -> None:
+    """Record that a whole model was read from files in this process (a base, or an export read back)."""
+    global _loads
+    _loads += 1
+
+
+def model_loads() -> int:
+    """Whole models read from files by this process so far (see :func:`count_model_load`)."""
+    return _loads
+
+
+def load_model(base: BaseRef, device: torch.device, dtype: torch.dtype = torch.bfloat16, placement: Any = None,
+               offload_dir: str | Path | None = None) -> LoadedModel:
     """Load the base as a transformers model in ``dtype`` on ``device`` (eval mode).
 
     VLM bases (``vision_config`` present) load with ``AutoModelForImageTextToText``, others with
     ``AutoModelForCausalLM``. GGUF files are dequantized by transformers (needs PyPI ``gguf``)
     and get ``config.architectures`` filled in, which ModelOpt's export requires.
+
+    Args:
+        base: the resolved base.
+        device: where the model runs (the whole model goes there unless ``placement`` spreads it).
+        dtype: dtype of the weights (BF16 checkpoints upcast exactly to float32).
+        placement: a :class:`quantdag.model.placement.Placement`; a spread one loads with its
+            ``device_map`` (accelerate hooks move the layers kept in host RAM or on disk to the
+            execution device for their forward).
+        offload_dir: directory for weights placed on ``disk`` (a temporary directory when None).
     """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     start = time.perf_counter()
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if device.type == "cuda":
+    if placement is not None:
+        kwargs |= placement.load_kwargs()
+        if "disk" in kwargs.get("device_map", {}).values():
+            kwargs["offload_folder"] = str(offload_dir or tempfile.mkdtemp(prefix="quantdag-offload-"))
+    elif device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}
     loader = AutoModelForImageTextToText if base.is_vlm else AutoModelForCausalLM
     if base.gguf_file:
@@ -132,8 +161,9 @@ def load_model(base: BaseRef, device: torch.device, dtype: torch.dtype = torch.b
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
     model.eval()
-    if device.type != "cuda":
+    if "device_map" not in kwargs:
         model.to(device)
+    count_model_load()
     return LoadedModel(model=model, load_seconds=time.perf_counter() - start)
 
 

@@ -76,6 +76,7 @@ class Lineage:
     tracker: Tracker = field(init=False)
     parent_id: str = field(init=False)
     children: dict[str, str] = field(default_factory=dict)
+    model_loads: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.tracker = Tracker(self.profile.tracking_uri)
@@ -124,14 +125,17 @@ class Lineage:
 
         Returns:
             Step name -> whether it was a cache hit (Prefect state ``Cached``), completed steps only.
+            Sets :attr:`model_loads`: models the steps that ran read from files (cache hits: none).
         """
-        cached = {}
+        cached, self.model_loads = {}, 0
         for name, future in futures.items():
             state = future.state
             if state.is_completed():
                 cached[name] = state.name == "Cached"
-                self.step(name, future.result(), cached=cached[name], store=store,
-                          dataset_context=_DATASET_CONTEXT.get(name))
+                ref = future.result()
+                self.step(name, ref, cached=cached[name], store=store, dataset_context=_DATASET_CONTEXT.get(name))
+                if not cached[name]:
+                    self.model_loads += int(ref.meta.get("model_loads", 0))
         return cached
 
     def register(self, checkpoint: ArtifactRef) -> str:
@@ -150,8 +154,8 @@ class Lineage:
         return number
 
     def finish(self, metrics: dict[str, Any], failed: bool = False) -> None:
-        """Copy headline metrics to the parent and end it (FINISHED or FAILED)."""
-        values = numeric(metrics)
+        """Copy headline metrics and ``model_loads`` (see :meth:`record_steps`) to the parent and end it."""
+        values = {**numeric(metrics), "model_loads": float(self.model_loads)}
         if values:
             self.tracker._log(self.parent_id, metrics=values)
         self.tracker.finish(self.parent_id, "FAILED" if failed else "FINISHED")

@@ -2,8 +2,9 @@
 
 Every step is cached across flow runs on its inputs plus its source plus the code version
 (``quantdag.runtime.version.code_version``), never on the flow-run id (Prefect's DEFAULT policy includes
-RUN_ID and so never hits across runs). MLflow's ``parent_run_id`` is excluded from the key: it
-differs per run but does not change what a step computes. Results are persisted so a UI Retry of
+RUN_ID and so never hits across runs). MLflow's ``parent_run_id`` and the ``placement`` of a model
+step (where its weights sit: one GPU, several, host RAM) are excluded from the key: they differ per
+run or per host but do not change what a step computes. Results are persisted so a UI Retry of
 a failed flow run reuses finished steps.
 
 Steps run in SERIALIZABLE transactions whose locks are leases (``quantdag.runtime.locks``): two runs that
@@ -48,7 +49,7 @@ from quantdag.runtime.locks import GpuSlot, LeaseLockManager, gpu_slots
 
 log = logging.getLogger(__name__)
 
-CACHE_POLICY = ((INPUTS - "parent_run_id") + TASK_SOURCE).configure(
+CACHE_POLICY = ((INPUTS - "parent_run_id" - "placement") + TASK_SOURCE).configure(
     lock_manager=LeaseLockManager(), isolation_level="SERIALIZABLE")
 
 _TRANSIENT_MARKERS = ("429", "500", "502", "503", "504", "SlowDown", "Throttl", "timed out", "Connection reset")

@@ -19,7 +19,7 @@ from quantdag.runtime.store import ArtifactRef, ArtifactStore
 
 pytestmark = pytest.mark.slow
 
-STEPS = {"fetch_text", "fetch_image_text", "fetch_image_text_heldout", "calibrate_text", "calibrate_image_text", "merge_amax", "export", "audit",
+STEPS = {"fetch_text", "fetch_image_text", "fetch_image_text_heldout", "bf16_reference", "calibrate_text", "calibrate_image_text", "merge_amax", "export", "audit",
          "evaluate"}
 
 
@@ -111,14 +111,19 @@ def test_image_pass_ran_the_vision_tower(first_run, profile) -> None:
     image = by_step["calibrate_image_text"].data.metrics
     assert image["vision_forward_calls"] >= 6 and image["image_tokens"] > 0
     assert image["vision_embeddings"] == image["image_tokens"]
-    loads = {step: by_step[step].data.metrics["model_loads"] for step in ("calibrate_image_text", "calibrate_text")}
-    assert loads == {"calibrate_image_text": 1, "calibrate_text": 0}, f"both branches on one model load expected: {loads}"
+    loads = {step: by_step[step].data.metrics["model_loads"]
+             for step in ("bf16_reference", "calibrate_image_text", "calibrate_text", "export", "evaluate")}
+    assert loads == {"bf16_reference": 1, "calibrate_image_text": 0, "calibrate_text": 0, "export": 0, "evaluate": 1}, (
+        f"one load of the base (reference, both calibration branches, export) plus one read of the export: {loads}")
     evaluation = by_step["evaluate"].data.metrics
     assert evaluation["perplexity_nvfp4"] > 0 and 0 <= evaluation["top1_agreement"] <= 1
     assert evaluation["image_text_rows"] == 3 and evaluation["image_text_eval_tokens"] > 0
     assert evaluation["image_text_kl_mean"] > 0, "NVFP4 answer-token logits must differ from BF16"
     parent = client.get_run(first_run["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["model_loads"] == 2, f"{parent.data.metrics.get('model_loads')} model loads in the run"
+    for step in ("bf16_reference", "calibrate_image_text", "export", "evaluate"):
+        assert by_step[step].data.metrics["peak_rss_bytes"] > 0 and "peak_gpu_bytes" in by_step[step].data.metrics, step
     assert parent.data.tags["base.fingerprint"] and parent.data.params["recipe.kv_cache"] == "fp8_cast"
     version = client.get_model_version(profile.model_name, first_run["model_version"])
     assert version.tags["checkpoint_sha256"] == first_run["checkpoint"]["sha256"]
@@ -134,13 +139,14 @@ def test_identical_rerun_is_all_cached(first_run, profile) -> None:
     assert again["checkpoint"]["sha256"] == first_run["checkpoint"]["sha256"]
 
 
-def test_changing_eval_settings_reruns_only_evaluate(first_run, profile) -> None:
+def test_changing_eval_settings_reruns_only_reference_and_evaluate(first_run, profile) -> None:
     from flows.quantize import quantize
 
     changed = profile.model_copy(update={"eval": profile.eval.model_copy(update={"seq_len": 64})})
     result = quantize(changed)
     recomputed = {step for step, hit in result["cached"].items() if not hit}
-    assert recomputed == {"evaluate"}, f"expected only evaluate to recompute, got {sorted(recomputed)}"
+    assert recomputed == {"bf16_reference", "evaluate"}, (
+        f"expected only the BF16 reference and evaluate (both depend on the eval spec) to recompute, got {sorted(recomputed)}")
 
 
 def test_calibration_in_worker_processes_gives_the_same_checkpoint(first_run, profile) -> None:

@@ -313,3 +313,21 @@ def test_qwen3_5_vlm_export_loads_language_model_nvfp4_and_ignores_mtp(tmp_path)
     assert counts["quantized_linears"] == 25
     assert counts["excluded_linears"] == 17  # lm_head, 3 x in_proj_a/b, 10 in the vision tower
     assert counts["ignored_bytes"] == (2 * 64 * 128 + 64) * 2  # three BF16 mtp.* tensors
+
+
+def test_packed_linears_give_the_same_logits_in_a_quarter_of_the_memory(llama_dir):
+    from quantdag.format.reader import PackedNVFP4Linear
+
+    plain = load_nvfp4_model(llama_dir, dtype=torch.float32).model
+    packed = load_nvfp4_model(llama_dir, dtype=torch.float32, packed=True).model
+    assert any(isinstance(m, PackedNVFP4Linear) for m in packed.modules())
+    assert not [n for n, p in packed.named_parameters() if p.device.type == "meta"], "every parameter read"
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, packed(input_ids=ids).logits)
+
+    def linear_bytes(model):
+        return sum(t.numel() * t.element_size() for m in model.modules() if "NVFP4" in type(m).__name__
+                   for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
+
+    assert linear_bytes(packed) < linear_bytes(plain) / 4, (linear_bytes(packed), linear_bytes(plain))

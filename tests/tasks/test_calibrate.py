@@ -16,6 +16,7 @@ import torch
 
 from conf.schema import BaseModelSpec, ImageTextSource, RecipeSpec, TextSource
 from quantdag.model import loading as modeling
+from quantdag.model import warm
 from quantdag.model.loading import resolve_base
 from quantdag.calibration.quantizer_state import STATE_FILE, load_state
 from quantdag.calibration.recipe import build_quant_config
@@ -70,11 +71,15 @@ def states(demo) -> dict[str, dict[str, dict[str, Any]]]:
     def read(ref) -> dict[str, Any]:
         return load_state(store.local_dir(ref) / STATE_FILE)
 
-    out = {"separate": {kind: read(calibrate(base, {kind: rows[kind]}, RecipeSpec(), {kind: sources[kind]}, store,
-                                             "cpu")[kind])
+    def fresh(*args, **kwargs):  # each call from the files, not from the model an earlier call kept
+        warm.release()
+        return calibrate(*args, **kwargs)
+
+    out = {"separate": {kind: read(fresh(base, {kind: rows[kind]}, RecipeSpec(), {kind: sources[kind]}, store,
+                                         "cpu")[kind])
                         for kind in KINDS}}
     for variant, fast in (("shared", False), ("shared_fast", True)):
-        refs = calibrate(base, rows, RecipeSpec(), sources, store, "cpu", fast=fast)
+        refs = fresh(base, rows, RecipeSpec(), sources, store, "cpu", fast=fast)
         assert list(refs) == list(KINDS), f"one state per branch, in branch order: {list(refs)}"
         assert refs["image_text"].meta["model_loads"] == 1 and refs["text"].meta["model_loads"] == 0
         out[variant] = {kind: read(ref) for kind, ref in refs.items()}
