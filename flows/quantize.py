@@ -110,7 +110,7 @@ def quantize(profile: Profile, revision: str | int | float | None = None) -> dic
                              description=f"quantize {profile.name}")
     logger.info("checkpoint: %s\nMLflow: %s", checkpoint.uri, lineage.tracker.run_url(lineage.parent_id))
     return {"checkpoint": checkpoint.model_dump(), "mlflow_run_id": lineage.parent_id, "model_version": version,
-            "metrics": report.meta, "cached": cached}
+            "metrics": {**report.meta, "model_loads": float(lineage.model_loads)}, "cached": cached}
 
 
 @dataclass(frozen=True)
