@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from conf.base import FrozenModel
 
@@ -172,8 +172,43 @@ class PlacementSpec(FrozenModel):
 _NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
 
 
+# scheme://<userinfo>@ : the user information of a URL's authority (user, user:password, token)
+_URL_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/?#@\s]+@", re.IGNORECASE)
+_CREDENTIAL_FIX = {
+    "tracking_uri": "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)",
+    "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile)",
+    "hf": "HF_TOKEN",
+}
+
+
+def _urls_with_credentials(value: object, field: str = "") -> list[tuple[str, str]]:
+    """``(dotted field, masked URL)`` for every string of a raw profile that holds URL user information."""
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in _urls_with_credentials(item, f"{field}.{key}".lstrip("."))]
+    if isinstance(value, list | tuple):
+        return [found for i, item in enumerate(value) for found in _urls_with_credentials(item, f"{field}.{i}")]
+    if isinstance(value, str) and _URL_USERINFO.search(value):
+        return [(field, _URL_USERINFO.sub(r"\1***@", value))]
+    return []
+
+
+def _credential_message(field: str, masked: str) -> str:
+    scheme = masked.split("://", 1)[0].lower()
+    fix = _CREDENTIAL_FIX.get(field) or _CREDENTIAL_FIX.get("s3" if scheme.startswith("s3") else scheme,
+                                                              "the variables its client reads")
+    return (f"{field} holds a credential in its URL ({masked}): a profile is logged and stored (MLflow params, Prefect "
+            f"parameters), so remove it from the URL and set {fix} in the environment of the process that runs the flow")
+
+
 class Profile(FrozenModel):
-    """One quantization run: base checkpoint, recipe, calibration data, evaluation, stores."""
+    """One quantization run: base checkpoint, recipe, calibration data, evaluation, stores.
+
+    A URL with a credential in it (``http://user:password@host``, ``https://token@host``) is
+    refused in every field: profiles are logged, stored as Prefect parameters and MLflow params.
+    Validation errors never echo the input (``hide_input_in_errors``).
+    """
+
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str = Field(description="lowercase letters, digits, '.', '-'; names the run and the model")
@@ -192,6 +227,14 @@ class Profile(FrozenModel):
         "model load when no branch is sharded, shards one after another. N > 1: each branch (or shard) is a task "
         "of its own in a pool of N worker processes, one GPU each (Prefect limits gpu-<i> of the visible GPUs), "
         "each loading the model"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials_in_urls(cls, data: object) -> object:
+        found = _urls_with_credentials(data) if isinstance(data, dict) else []
+        if found:
+            raise ValueError("; ".join(_credential_message(field, masked) for field, masked in found))
+        return data
 
     @field_validator("name")
     @classmethod

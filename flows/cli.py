@@ -8,6 +8,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -54,13 +56,21 @@ def _quantdag_home() -> Path:
         raise typer.Exit(2) from err
 
 
+def _error(message: str) -> None:
+    """Print ``message`` on stderr, one ``error:`` line per line, secrets masked."""
+    from quantdag.runtime.secrets import redact
+
+    for line in redact(message).splitlines() or [""]:
+        typer.echo(f"error: {line.strip()}", err=True)
+
+
 def _load(profile: str, sets: list[str]) -> Any:
     from conf import load_profile
 
     try:
         return load_profile(profile, parse_sets(sets))
     except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
+        _error(str(err))
         raise typer.Exit(2) from err
 
 
@@ -95,7 +105,7 @@ def _run_flow_or_exit(profile: Any) -> dict[str, Any]:
     try:
         return _run_flow(profile)
     except (ValueError, RuntimeError, OSError) as err:
-        typer.echo(f"error: quantize {profile.name} failed: {type(err).__name__}: {err}", err=True)
+        _error(f"quantize {profile.name} failed: {type(err).__name__}: {err}")
         raise typer.Exit(1) from err
 
 
@@ -109,19 +119,59 @@ def _run_flow(profile: Any) -> dict[str, Any]:
 
     if os.environ.get("PREFECT_API_URL"):
         return quantize(profile)
-    from prefect.server.api.server import SubprocessASGIServer
+    with temporary_prefect_api():
+        return quantize(profile)
+
+
+@contextmanager
+def temporary_prefect_api() -> Iterator[str]:
+    """A local Prefect API for this process's flow runs; yields its URL, stops it on exit.
+
+    The server (Prefect's ``SubprocessASGIServer``: uvicorn on a free local port, this user's
+    ``PREFECT_HOME`` database) runs under :mod:`quantdag.runtime.orphan_guard`, so it ends with this
+    process even when this process is killed with ``kill -9``. ``PREFECT_API_URL`` points at it
+    while the context is open.
+
+    Raises:
+        RuntimeError: the server did not start (Prefect's message, with its output).
+    """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    server = SubprocessASGIServer()
+    server = _guarded_api_server()
     server.start()
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            return quantize(profile)
+            yield server.api_url
     finally:
         _drain_prefect_workers()  # while the API still answers: at exit they would retry it for a minute
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
+
+
+def _guarded_api_server() -> Any:
+    """A new Prefect ``SubprocessASGIServer`` whose uvicorn process runs behind the orphan guard.
+
+    The class is built here, on first use: importing Prefect's server module takes seconds.
+    """
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    class GuardedAPIServer(SubprocessASGIServer):
+        _instances: dict[int | None, Any] = {}  # apart from Prefect's own temporary servers
+
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            # Prefect's own command (prefect.server.api.server.SubprocessASGIServer, 3.9), behind the guard
+            server_env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+            return subprocess.Popen(
+                args=[sys.executable, "-m", "quantdag.runtime.orphan_guard", str(os.getpid()), "uvicorn",
+                      "--app-dir", str(prefect.__module_path__.parent), "--factory", "prefect.server.api.server:create_app",
+                      "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+                env={**os.environ, **server_env, **get_current_settings().to_environment_variables(exclude_unset=True)},
+            )
+
+    return GuardedAPIServer()
 
 
 def _drain_prefect_workers(timeout: float = 30.0) -> None:

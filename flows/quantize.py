@@ -19,7 +19,8 @@ before calibration and leaves its loaded model to it, calibration leaves the cal
 export (``quantdag.model.warm``): one load of the base for the three when none is cached, plus one
 read of the export by evaluate; each model step places the model within ``placement``'s memory
 budget (``quantdag.model.placement``). Before any model loads, ``preflight`` probes S3 and
-MLflow and ``reap_stale_runs`` ends the MLflow runs of killed flow runs; the hooks end this run's
+MLflow and counts the inputs, ``reap_stale_runs`` ends the MLflow runs of killed flow runs and
+``scan_base`` names any NaN/inf weight of the base; the hooks end this run's
 MLflow runs when it fails, crashes or is cancelled.
 """
 
@@ -51,6 +52,7 @@ from tasks.preflight import preflight_task
 from tasks.reference import bf16_reference_task
 from tasks.reap import reap_stale_runs_task
 from tasks.resolve import resolve_base_task
+from tasks.scan import scan_base_task
 
 
 @flow(name="quantize", flow_run_name="quantize-{profile.name}", log_prints=True, task_runner=ThreadPoolTaskRunner(),
@@ -69,6 +71,7 @@ def quantize(profile: Profile, revision: str | int | float | None = None) -> dic
     reap_stale_runs_task(profile.tracking_uri, flow_run_id)
     base = resolve_base_task(profile.base)
     lineage = Lineage(profile, base, flow_run_id, cv)
+    scan = scan_base_task.submit(base, cv)  # names NaN/inf weights before any model loads (cached per base)
     futures: dict[str, Any] = {"fetch_text": fetch_text_task.submit(profile.text, store, cv)}
     if base.is_vlm and profile.image_text is not None:
         futures["fetch_image_text"] = fetch_image_text_task.submit(profile.image_text, store, cv)
@@ -77,10 +80,12 @@ def quantize(profile: Profile, revision: str | int | float | None = None) -> dic
     heldout = _heldout_image_text(profile, futures, cv)
     # the BF16 reference runs first: calibration then takes its loaded model (one load for both)
     futures["bf16_reference"] = bf16_reference_task.submit(
-        base, profile.eval, store, profile.device, cv, profile.placement, heldout, profile.image_text if heldout else None)
-    calls = _calibrations(base, futures, profile, cv)
+        base, profile.eval, store, profile.device, cv, profile.placement, heldout, profile.image_text if heldout else None,
+        wait_for=[scan])
+    calls = _calibrations(base, futures, profile, cv, scan)
     futures |= {f"calibrate_{label}": _Output(call, label) for call, labels in calls for label in labels}
     try:
+        scan.result()  # a damaged base fails with its tensor names, not as the reference's upstream
         for future in futures.values():  # in DAG order: the first failure raises its own error
             future.result()
         states = {label: ref for call, _ in calls for label, ref in call.result().items()}  # every call's, unioned
@@ -96,7 +101,7 @@ def quantize(profile: Profile, revision: str | int | float | None = None) -> dic
         checkpoint, report = futures["export"].result(), futures["evaluate"].result()
         if not ArtifactStore(store).exists(checkpoint):
             raise RuntimeError(f"checkpoint {checkpoint.uri} is missing from the store; not registering it")
-        version = lineage.register(checkpoint)
+        version = lineage.register(checkpoint, futures["audit"].result())  # only the audited bytes
     except BaseException:
         lineage.record_steps(futures, ArtifactStore(store))
         lineage.finish({}, failed=True)
@@ -128,10 +133,11 @@ class _Output:
         return self.call.result()[self.label]
 
 
-def _calibrations(base: Any, futures: dict[str, Any], profile: Profile, cv: str) -> list[tuple[PrefectFuture, list[str]]]:
+def _calibrations(base: Any, futures: dict[str, Any], profile: Profile, cv: str,
+                  scan: PrefectFuture) -> list[tuple[PrefectFuture, list[str]]]:
     """Submit one ``calibrate`` task per call of :func:`tasks.calibrate.calibration_calls` over the
-    fetched branches (in a pool of worker processes when ``calibration_gpus > 1``, waited for here);
-    returns each call's future and the labels of the states it returns."""
+    fetched branches (in a pool of worker processes when ``calibration_gpus > 1``, waited for here),
+    each after the base's NaN/inf scan (``scan``); returns each call's future and the labels of the states it returns."""
     sources = {kind: source for kind, source in (("image_text", profile.image_text), ("text", profile.text))
                if f"fetch_{kind}" in futures}
     calls = [{"base": base, "rows": {kind: futures[f"fetch_{kind}"] for kind in shards}, "recipe": profile.recipe,
@@ -143,7 +149,7 @@ def _calibrations(base: Any, futures: dict[str, Any], profile: Profile, cv: str)
         submitted = [calibrate_task.submit(**parameters, wait_for=[futures["bf16_reference"]]) for parameters in calls]
     else:  # one worker process per GPU; the pool ends (and frees its GPUs) before export loads the model
         with ProcessPoolTaskRunner(max_workers=min(profile.calibration_gpus, len(calls))) as pool:
-            submitted = [pool.submit(calibrate_task, parameters) for parameters in calls]
+            submitted = [pool.submit(calibrate_task, parameters, wait_for=[scan]) for parameters in calls]
             for future in submitted:
                 future.wait()
     return [(future, [branch_label(kind, *shard) for kind, shard in parameters["shards"].items()])

@@ -21,10 +21,18 @@ Rules (sources in each rule's docstring):
 Rules see both checkpoints through :class:`quantdag.format.checkpoint.Checkpoint`: tensor names,
 dtype tags and shapes come from the safetensors headers; values are loaded one tensor at a time
 and only where a rule needs them (NVFP4 scales, ``mtp.*`` tensors).
+
+An audit is bound to bytes (:func:`audit_stored_checkpoint`): every byte of the stored
+checkpoint is re-hashed against its manifest before the rules read it, nothing may change while
+they read, and the stored report names the checkpoint's sha256. Registration
+(:func:`quantdag.runtime.lineage.require_audited`) accepts only a passed report of exactly that
+sha256 and re-hashes the checkpoint once more, so nothing is registered whose bytes differ from
+what was audited.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections import defaultdict
@@ -34,15 +42,15 @@ from pydantic import BaseModel, ConfigDict
 
 from quantdag.format.checkpoint import Checkpoint, CheckpointFileError
 from quantdag.model.loading import BaseRef
-from quantdag.runtime.store import ArtifactRef, ArtifactStore
-from tasks.audit_rules import RULES, AuditInputs, is_linear_weight
 from quantdag.runtime.prefect_task import quantdag_task
+from quantdag.runtime.store import MANIFEST, ArtifactDamagedError, ArtifactRef, ArtifactStore
+from tasks.audit_rules import RULES, AuditInputs, is_linear_weight
 
 REPORT_KIND = "audit-report"
 REPORT_FILE = "audit_report.json"
 
 __all__ = [
-    "RULES", "AuditError", "AuditReport", "Finding", "audit_checkpoint", "audit_task",
+    "RULES", "AuditError", "AuditReport", "Finding", "audit_checkpoint", "audit_stored_checkpoint", "audit_task",
     "require_passed",
 ]
 
@@ -67,6 +75,9 @@ class AuditReport(BaseModel):
         counts: sizes of what was audited (``tensors``, ``quantized_linears``,
             ``unquantized_linears``, ``base_mtp_tensors``), for logging; a count whose files could
             not be read is absent.
+        checkpoint_sha256: the stored checkpoint artifact whose bytes were audited (set by
+            :func:`audit_stored_checkpoint`; None for a directory audited as it is).
+        file_sha256: that artifact's files and their sha256, as re-hashed before the audit.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -75,6 +86,8 @@ class AuditReport(BaseModel):
     passed: bool
     findings: list[Finding]
     counts: dict[str, int]
+    checkpoint_sha256: str | None = None
+    file_sha256: dict[str, str] = {}
 
 
 class AuditError(ValueError):
@@ -172,29 +185,45 @@ def require_passed(report: AuditReport) -> AuditReport:
     raise AuditError("\n".join(lines))
 
 
-@quantdag_task("audit")
-def audit_task(
-    base: BaseRef, checkpoint: ArtifactRef, artifact_store: str, code_version: str
-) -> ArtifactRef:
-    """Prefect wrapper of :func:`audit_checkpoint` and :func:`require_passed`.
+def audit_stored_checkpoint(base: BaseRef, checkpoint: ArtifactRef, store: ArtifactStore) -> ArtifactRef:
+    """Audit the bytes of a stored checkpoint and store the report, bound to the checkpoint's sha256.
+
+    Every byte of ``checkpoint`` is re-hashed against its manifest first (a damaged copy is
+    unpublished, so the export recomputes it on the next run), the rules then read the files,
+    and a quick check afterwards proves nothing changed while they read.
 
     Args:
         base: the resolved BF16 base (``source_dir`` read for ``mtp.*``; a GGUF base has none).
         checkpoint: the export step's ``checkpoint`` artifact.
-        artifact_store: store root holding ``checkpoint``; the report is written there too.
-        code_version: only keys the cache.
+        store: the store holding ``checkpoint``; the report is written there too.
 
     Returns:
-        The ``audit-report`` artifact (``audit_report.json``: the :class:`AuditReport`).
+        The ``audit-report`` artifact (``audit_report.json``: the :class:`AuditReport`); ``meta``
+        holds ``passed``, ``checkpoint_sha256`` and the counts.
 
     Raises:
+        ArtifactDamagedError: the checkpoint's bytes differ from its manifest, before or after
+            the rules read them (a ``ValueError``; names each file).
         AuditError: any finding; the report artifact is stored first for inspection.
     """
-    store = ArtifactStore(artifact_store)
+    store.verify(checkpoint, unpublish=True)
+    manifest = json.loads((store.local_dir(checkpoint) / MANIFEST).read_text())
     base_dir = None if base.gguf_file else base.source_dir
-    report = audit_checkpoint(store.local_dir(checkpoint), base_dir, is_vlm=base.is_vlm)
+    report = audit_checkpoint(store.local_dir(checkpoint), base_dir, is_vlm=base.is_vlm).model_copy(
+        update={"checkpoint_sha256": checkpoint.sha256, "file_sha256": manifest["file_sha256"]})
+    if changed := store.check(checkpoint):
+        raise ArtifactDamagedError(checkpoint, [f"changed while it was audited: {line}" for line in changed])
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / REPORT_FILE).write_text(report.model_dump_json(indent=1))
-        ref = store.put_dir(tmp, REPORT_KIND, {"passed": report.passed, **report.counts})
+        ref = store.put_dir(tmp, REPORT_KIND, {"passed": report.passed, "checkpoint_sha256": checkpoint.sha256,
+                                               **report.counts})
     require_passed(report)
     return ref
+
+
+@quantdag_task("audit")
+def audit_task(
+    base: BaseRef, checkpoint: ArtifactRef, artifact_store: str, code_version: str
+) -> ArtifactRef:
+    """Prefect wrapper of :func:`audit_stored_checkpoint` (``code_version`` only keys the cache)."""
+    return audit_stored_checkpoint(base, checkpoint, ArtifactStore(artifact_store))

@@ -1,6 +1,6 @@
 """Fetch steps: materialise a deterministic calibration sample as files in the artifact store.
 
-Two sources per kind, same layout:
+Two sources per kind, same layout (:mod:`quantdag.runtime.sources`):
 
 - image-text rows in the Nemotron-VLM-Dataset-v2 layout (``<subset>/<subset>.jsonl`` + images in
   ``<subset>/media/shard_*.tar``), read from a local or ``s3://`` mirror, or from the Hub through
@@ -9,7 +9,12 @@ Two sources per kind, same layout:
   directory of them), or from the Hub through ``datasets.load_dataset`` pinned to a commit sha.
 
 A sample is exactly ``num_samples`` rows chosen by ``random.Random(seed)``; asking for more rows
-than a source holds is an error, never a silent shortfall.
+than a source holds is an error, never a silent shortfall. A sample is validated before it is
+stored (every row parses, every chosen row's images decode), so a bad input fails the fetch,
+naming the file and line, or the subset, row and tar member, and never becomes a cached artifact.
+Both steps are cached on what the source holds (:func:`quantdag.runtime.sources.source_fingerprint`:
+sizes and mtimes or ETags of a mirror's files, a Hub commit sha), so fixing a mirror in place
+recomputes the sample.
 """
 
 from __future__ import annotations
@@ -24,53 +29,85 @@ from typing import Any
 import fsspec
 
 from conf.schema import ImageTextSource, TextSource
-from quantdag.runtime.store import ArtifactRef, ArtifactStore
 from quantdag.runtime.prefect_task import quantdag_task
+from quantdag.runtime.sources import (existing_subsets, hub_dataset_sha, image_text_root, iter_jsonl,
+                                      missing_subset_message, shares, source_fingerprint, subset_jsonl, text_files)
+from quantdag.runtime.store import ArtifactRef, ArtifactStore
 
 IMAGE_TEXT_KIND = "image-text-rows"
 TEXT_KIND = "text-rows"
 
 
-def _hub_dataset_root(repo_id: str, revision: str) -> tuple[str, str]:
-    from huggingface_hub import HfApi
-
-    sha = HfApi().dataset_info(repo_id, revision=revision).sha
-    return f"hf://datasets/{repo_id}@{sha}", sha
-
-
-def _split_counts(total: int, subsets: tuple[str, ...]) -> dict[str, int]:
-    base, extra = divmod(total, len(subsets))
-    return {name: base + (1 if i < extra else 0) for i, name in enumerate(subsets)}
-
-
 def _row_images(row: dict[str, Any]) -> list[str]:
     names = []
     for message in row.get("messages", []):
-        content = message.get("content")
+        content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list):
-            names += [part["image"] for part in content if part.get("type") == "image" and part.get("image")]
+            names += [part["image"] for part in content
+                      if isinstance(part, dict) and part.get("type") == "image" and part.get("image")]
     return names
 
 
-def _read_jsonl(fs: Any, path: str) -> list[dict[str, Any]]:
-    with fs.open(path, "rt", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+def _check_messages(row: dict[str, Any], where: str) -> None:
+    """Raise naming ``where`` (``file:line``) when a row's ``messages`` are not chat messages."""
+    messages = row.get("messages")
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str | list)
+        for m in messages)
+    if not ok:
+        raise ValueError(f"{where}: row {row.get('id')!r} has no chat 'messages' (a list of {{role, content}}); "
+                         "fix or delete that line of the source")
 
 
-def _extract_images(fs: Any, media_dir: str, wanted: set[str], dest: Path) -> set[str]:
-    """Stream the subset's tar shards and write the wanted members under ``dest``; return found names."""
-    found: set[str] = set()
-    shards = sorted(p for p in fs.ls(media_dir, detail=False) if p.endswith(".tar"))
+def _extract_images(fs: Any, root: str, subset: str, root_path: str, wanted: set[str], dest: Path) -> dict[str, str]:
+    """Stream the subset's tar shards and write the wanted members under ``dest``.
+
+    Returns:
+        File name -> where it came from (``<root>/<subset>/media/<shard>.tar:<member>``).
+
+    Raises:
+        ValueError: a shard is not a readable tar archive (names the shard).
+    """
+    found: dict[str, str] = {}
+    media = f"{root_path}/{subset}/media"
+    shards = sorted(p for p in fs.ls(media, detail=False) if p.endswith(".tar")) if fs.exists(media) else []
     for shard in shards:
-        if found == wanted:
+        if found.keys() == wanted:
             break
-        with fs.open(shard, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-            for member in tar:
-                name = Path(member.name).name
-                if member.isfile() and name in wanted and name not in found:
-                    (dest / name).write_bytes(tar.extractfile(member).read())
-                    found.add(name)
+        shown = f"{root}/{subset}/media/{shard.rsplit('/', 1)[-1]}"
+        try:
+            with fs.open(shard, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+                for member in tar:
+                    name = Path(member.name).name
+                    if member.isfile() and name in wanted and name not in found:
+                        (dest / name).write_bytes(tar.extractfile(member).read())
+                        found[name] = f"{shown}:{member.name}"
+        except tarfile.TarError as err:
+            raise ValueError(f"image_text subset {subset!r}: {shown} is not a readable tar archive ({err}); "
+                             "replace that shard in the mirror") from None
     return found
+
+
+def _check_images(subset: str, rows: list[tuple[str, dict[str, Any]]], image_dir: Path, members: dict[str, str]) -> None:
+    """Decode every image of the chosen rows in full; raise naming the first that does not decode.
+
+    Raises:
+        ValueError: one line with the subset, the row id and its line, the tar member, the
+            decoder's error and the fix.
+    """
+    from PIL import Image
+
+    for where, row in rows:
+        for name in _row_images(row):
+            file = Path(name).name
+            try:
+                with Image.open(image_dir / file) as image:
+                    image.load()
+            except Exception as err:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, zlib errors...
+                raise ValueError(
+                    f"image_text subset {subset!r} row {row.get('id')!r} ({where}): image {file!r} (tar member "
+                    f"{members[file]}) does not decode: {type(err).__name__}: {err}; replace that member in the "
+                    "mirror or delete the row") from None
 
 
 def fetch_image_text(source: ImageTextSource, store: ArtifactStore, exclude: ArtifactRef | None = None) -> ArtifactRef:
@@ -85,24 +122,25 @@ def fetch_image_text(source: ImageTextSource, store: ArtifactStore, exclude: Art
         ``per_subset``, ``source`` and the resolved Hub ``revision_sha`` (or None for a mirror).
 
     Raises:
-        ValueError: a subset's jsonl is missing, holds fewer rows than its share, or a row's image
-            is in none of the subset's tar shards.
+        ValueError: a subset's jsonl is missing (names the subsets the source has), a line of it
+            is not a JSON row (names file and line), a subset holds fewer rows than its share, a
+            chosen row has no chat messages, one of its images is in none of the subset's tar
+            shards, or does not decode (names subset, row id and tar member).
     """
-    if source.path is not None:
-        root, sha = source.path.rstrip("/"), None
-    else:
-        root, sha = _hub_dataset_root(source.repo_id, source.revision)
+    root, sha = image_text_root(source)
     fs, root_path = fsspec.core.url_to_fs(root)
-    counts = _split_counts(source.num_samples, source.subsets)
+    counts = shares(source.num_samples, source.subsets)
     excluded = {(row["subset"], row.get("id")) for row in read_rows(store, exclude)[1]} if exclude else set()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         selected: list[dict[str, Any]] = []
         for subset, share in counts.items():
-            jsonl = f"{root_path}/{subset}/{subset}.jsonl"
+            jsonl = subset_jsonl(root_path, subset)
             if not fs.exists(jsonl):
-                raise ValueError(f"image_text subset {subset!r}: {root}/{subset}/{subset}.jsonl not found")
-            rows = [row for row in _read_jsonl(fs, jsonl) if (subset, row.get("id")) not in excluded]
+                raise ValueError(missing_subset_message(root, subset, existing_subsets(fs, root_path)))
+            shown = subset_jsonl(root, subset)
+            rows = [(f"{shown}:{number}", row) for number, row in iter_jsonl(fs, jsonl, shown)
+                    if (subset, row.get("id")) not in excluded]
             if len(rows) < share:
                 raise ValueError(
                     f"image_text subset {subset!r} holds {len(rows)} usable rows ({len(excluded)} excluded as "
@@ -111,13 +149,17 @@ def fetch_image_text(source: ImageTextSource, store: ArtifactStore, exclude: Art
                 )
             picked = sorted(random.Random(f"{source.seed}:{subset}").sample(range(len(rows)), share))
             chosen = [rows[i] for i in picked]
-            wanted = {name for row in chosen for name in _row_images(row)}
+            for where, row in chosen:
+                _check_messages(row, where)
+            wanted = {Path(name).name for _, row in chosen for name in _row_images(row)}
             image_dir = out / "images" / subset
             image_dir.mkdir(parents=True, exist_ok=True)
-            found = _extract_images(fs, f"{root_path}/{subset}/media", wanted, image_dir)
-            if missing := sorted(wanted - found):
-                raise ValueError(f"image_text subset {subset!r}: images {missing[:5]} ({len(missing)}) not in any media/shard_*.tar")
-            for row in chosen:
+            found = _extract_images(fs, root, subset, root_path, wanted, image_dir)
+            if missing := sorted(wanted - found.keys()):
+                raise ValueError(f"image_text subset {subset!r}: images {missing[:5]} ({len(missing)}) are in no "
+                                 f"{root}/{subset}/media/shard_*.tar; add them to the mirror or delete their rows")
+            _check_images(subset, chosen, image_dir, found)
+            for _, row in chosen:
                 selected.append({**_rewrite_images(row, subset), "subset": subset})
         with open(out / "rows.jsonl", "w", encoding="utf-8") as handle:
             for row in selected:
@@ -139,14 +181,15 @@ def _rewrite_images(row: dict[str, Any], subset: str) -> dict[str, Any]:
 def _read_text_rows(source: TextSource) -> tuple[list[dict[str, Any]], str | None]:
     if source.path is not None:
         fs, path = fsspec.core.url_to_fs(source.path)
-        files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".jsonl")) if fs.isdir(path) else [path]
+        files = text_files(fs, path)
         if not files:
             raise ValueError(f"text.path {source.path} holds no .jsonl files")
-        return [row for file in files for row in _read_jsonl(fs, file)], None
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        shown = (lambda f: f) if protocol in ("file", "local") else (lambda f: f"{protocol}://{f}")
+        return [row for file in files for _, row in iter_jsonl(fs, file, shown(file))], None
     import datasets
-    from huggingface_hub import HfApi
 
-    sha = HfApi().dataset_info(source.repo_id, revision=source.revision).sha
+    sha = hub_dataset_sha(source.repo_id, source.revision)
     dataset = datasets.load_dataset(source.repo_id, source.config, split=source.split, revision=sha)
     return [dict(row) for row in dataset], sha
 
@@ -159,7 +202,8 @@ def fetch_text(source: TextSource, store: ArtifactStore) -> ArtifactRef:
         ``characters``, ``source`` and the resolved Hub ``revision_sha`` (None for a mirror).
 
     Raises:
-        ValueError: the source has fewer usable rows than requested, or rows lack the text field.
+        ValueError: a line of a mirror's ``.jsonl`` is not a JSON row (names file and line), or
+            the source has fewer usable rows than requested.
     """
     rows, sha = _read_text_rows(source)
     usable = [row for row in rows if isinstance(row.get(source.text_field), str) and row[source.text_field].strip()]
@@ -185,20 +229,31 @@ def fetch_text(source: TextSource, store: ArtifactStore) -> ArtifactRef:
 
 
 def read_rows(store: ArtifactStore, ref: ArtifactRef) -> tuple[Path, list[dict[str, Any]]]:
-    """Local directory of a rows artifact and its rows (``rows.jsonl`` parsed)."""
+    """Local directory of a rows artifact and its rows (``rows.jsonl`` parsed).
+
+    Raises:
+        ValueError: a line of ``rows.jsonl`` is not a JSON row (names the file and line).
+    """
     root = store.local_dir(ref)
-    with open(root / "rows.jsonl", encoding="utf-8") as handle:
-        return root, [json.loads(line) for line in handle if line.strip()]
+    fs = fsspec.filesystem("file")
+    return root, [row for _, row in iter_jsonl(fs, str(root / "rows.jsonl"))]
 
 
-@quantdag_task("fetch_image_text", retries=2)
+def source_key(inputs: dict[str, Any]) -> str:
+    """Cache-key part of a fetch: what its ``source`` holds (:func:`quantdag.runtime.sources.source_fingerprint`)."""
+    return source_fingerprint(inputs["source"])
+
+
+@quantdag_task("fetch_image_text", retries=2, content_key=source_key)
 def fetch_image_text_task(source: ImageTextSource, artifact_store: str, code_version: str,
                           exclude: ArtifactRef | None = None) -> ArtifactRef:
-    """Prefect wrapper of :func:`fetch_image_text` (cached on source, store, exclusions and code version)."""
+    """Prefect wrapper of :func:`fetch_image_text` (cached on what the source holds, its settings,
+    the store, exclusions and the code version)."""
     return fetch_image_text(source, ArtifactStore(artifact_store), exclude)
 
 
-@quantdag_task("fetch_text", retries=2)
+@quantdag_task("fetch_text", retries=2, content_key=source_key)
 def fetch_text_task(source: TextSource, artifact_store: str, code_version: str) -> ArtifactRef:
-    """Prefect wrapper of :func:`fetch_text` (cached on source, store and code version)."""
+    """Prefect wrapper of :func:`fetch_text` (cached on what the source holds, its settings, the
+    store and the code version)."""
     return fetch_text(source, ArtifactStore(artifact_store))

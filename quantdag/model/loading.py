@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from conf.schema import BaseModelSpec
+from quantdag.format.scan import describe_nonfinite, find_nonfinite_weights
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,9 @@ def load_model(base: BaseRef, device: torch.device, dtype: torch.dtype = torch.b
             ``device_map`` (accelerate hooks move the layers kept in host RAM or on disk to the
             execution device for their forward).
         offload_dir: directory for weights placed on ``disk`` (a temporary directory when None).
+
+    Raises:
+        ValueError: a GGUF base's dequantized weights hold NaN or inf (names the parameters).
     """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -160,6 +164,11 @@ def load_model(base: BaseRef, device: torch.device, dtype: torch.dtype = torch.b
     model = loader.from_pretrained(base.source_dir, **kwargs)
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
+    if base.gguf_file:  # no safetensors to scan before the load: name NaN/inf weights before calibration
+        bad = find_nonfinite_weights(model)
+        if bad:
+            raise ValueError(describe_nonfinite(f"base {base.source_dir}/{base.gguf_file}", bad,
+                                                sum(p.is_floating_point() for p in model.parameters())))
     model.eval()
     if "device_map" not in kwargs:
         model.to(device)

@@ -138,19 +138,30 @@ class Lineage:
                     self.model_loads += int(ref.meta.get("model_loads", 0))
         return cached
 
-    def register(self, checkpoint: ArtifactRef) -> str:
-        """Register the checkpoint as a model version tagged with the base's immutable identity."""
+    def register(self, checkpoint: ArtifactRef, audit: ArtifactRef) -> str:
+        """Register the checkpoint as a model version tagged with the base's immutable identity.
+
+        Only what was audited is registered (:func:`require_audited`): ``audit`` must be a passed
+        report of exactly this checkpoint, and every byte of the checkpoint is re-hashed first.
+
+        Raises:
+            RegistrationRefused: the report is not a passed audit of this checkpoint.
+            ArtifactDamagedError: the checkpoint's bytes differ from its manifest (it is then
+                unpublished: the next run recomputes the export).
+        """
+        require_audited(ArtifactStore.for_ref(checkpoint), checkpoint, audit)
         tags = {
             "base_repo": self.base.repo_id or "",
             "base_revision": self.base.revision,
             "base_revision_sha": self.base.revision_sha or "",
             "base_fingerprint": self.base.fingerprint,
             "checkpoint_sha256": checkpoint.sha256,
+            "audit_report_sha256": audit.sha256,
             "code_version": self.code_version,
             "prefect_flow_run_id": self.flow_run_id,
         }
         number = self.tracker.register(self.parent_id, self.profile.model_name, checkpoint.uri, tags)
-        self.tracker.client.set_tag(self.parent_id, "registered_model", f"{self.profile.model_name}/{number}")
+        self.tracker.set_tag(self.parent_id, "registered_model", f"{self.profile.model_name}/{number}")
         return number
 
     def finish(self, metrics: dict[str, Any], failed: bool = False) -> None:
@@ -174,6 +185,33 @@ class Lineage:
             lines += ["", "| metric | value |", "|---|---|"]
             lines += [f"| {k} | {v:.6g} |" for k, v in report.items() if isinstance(v, int | float)]
         return "\n".join(lines) + "\n"
+
+
+class RegistrationRefused(ValueError):
+    """A checkpoint is not registered: no passed audit of exactly its bytes."""
+
+
+def require_audited(store: ArtifactStore, checkpoint: ArtifactRef, audit: ArtifactRef) -> None:
+    """Check that ``checkpoint`` may be registered: ``audit`` passed on exactly these bytes.
+
+    ``audit`` must be an ``audit-report`` whose ``meta`` says it passed and names the
+    checkpoint's sha256 (``tasks.audit.audit_stored_checkpoint`` re-hashed every byte before
+    auditing), and every byte of the checkpoint is re-hashed now against the manifest of that
+    sha256 (:meth:`ArtifactStore.verify`); a damaged checkpoint is unpublished, so the next run
+    recomputes the export instead of hitting its cache.
+
+    Raises:
+        RegistrationRefused: (a ``ValueError``) the report is of another kind, failed, or audited
+            other bytes; the message names both digests and the fix.
+        ArtifactDamagedError: (a ``ValueError``) the checkpoint differs from its manifest.
+    """
+    audited = audit.meta.get("checkpoint_sha256")
+    if audit.kind != "audit-report" or audit.meta.get("passed") is not True or audited != checkpoint.sha256:
+        raise RegistrationRefused(
+            f"checkpoint {checkpoint.sha256[:12]} at {checkpoint.uri} is not registered: the audit report "
+            f"{audit.sha256[:12]} ({audit.kind}, passed={audit.meta.get('passed')}) audited "
+            f"{str(audited)[:12] if audited else 'no stored checkpoint'}; rerun so that the audit runs on these bytes")
+    store.verify(checkpoint, unpublish=True)
 
 
 def read_json(store: ArtifactStore, ref: ArtifactRef, name: str) -> Any:

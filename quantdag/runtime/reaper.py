@@ -8,9 +8,13 @@ keeps showing the flow run as Running, so the UI offers no Retry. Two mechanisms
   ends the run's MLflow records as FAILED or KILLED whenever Prefect gets to run a hook;
 - :func:`reap_stale_runs`, the first step of every quantize run, looks for RUNNING parent runs of
   OTHER flow runs and ends each whose Prefect flow run is over (COMPLETED -> FINISHED, FAILED ->
-  FAILED, CRASHED/CANCELLED -> KILLED) or whose heartbeat (``quantdag.runtime.tracking.Heartbeat``) is
-  older than :func:`stale_after`; a flow run still marked Running without a heartbeat is set to
-  Crashed in Prefect so it can be retried.
+  FAILED, CRASHED/CANCELLED -> KILLED), whose process is known to be gone (it ran on this machine
+  and its pid no longer exists: :mod:`quantdag.runtime.liveness`; no waiting for the heartbeat) or
+  whose heartbeat (``quantdag.runtime.tracking.Heartbeat``) is older than :func:`stale_after`; a
+  flow run still marked Running whose process is gone or silent is set to Crashed in Prefect so
+  it can be retried.
+
+Every reason it records or logs passes through :func:`quantdag.runtime.secrets.redact`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from conf.settings import settings
+from quantdag.runtime.liveness import PROCESS_TAG, describe, process_gone
+from quantdag.runtime.secrets import redact
 from quantdag.runtime.tracking import HEARTBEAT_TAG, Tracker
 
 log = logging.getLogger(__name__)
@@ -77,7 +83,7 @@ def end_runs(tracker: Tracker, parent_id: str, status: str, reason: str, end_ms:
         filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'",
     )
     for run_id in [child.info.run_id for child in children] + [parent_id]:
-        tracker.client.set_tag(run_id, "quantdag.end_reason", reason)
+        tracker.set_tag(run_id, "quantdag.end_reason", reason)
         tracker.client.set_terminated(run_id, status, end_time=end_ms)
 
 
@@ -104,17 +110,21 @@ def reap_stale_runs(tracking_uri: str, current_flow_run_id: str | None = None) -
             continue
         last_beat = float(run.data.tags.get(HEARTBEAT_TAG, run.info.start_time / 1000))
         state = _prefect_state(flow_run_id)
+        process = run.data.tags.get(PROCESS_TAG)
         if state in FINAL_STATUS:
             status, reason = FINAL_STATUS[state], f"Prefect flow run {flow_run_id} ended {state}"
+        elif process_gone(process):
+            status = "KILLED"
+            reason = f"its process ({describe(process)}) is gone (Prefect state {state or 'unknown'}): process killed"
         elif now - last_beat > stale_after():
             status = "KILLED"
             reason = f"no heartbeat for {now - last_beat:.0f} s (Prefect state {state or 'unknown'}): process killed"
-            if state in ("RUNNING", "PENDING", "CANCELLING"):
-                _crash_in_prefect(flow_run_id, reason)
         else:
             continue
+        if status == "KILLED" and state in ("RUNNING", "PENDING", "CANCELLING"):
+            _crash_in_prefect(flow_run_id, reason)
         end_runs(tracker, run.info.run_id, status, reason, end_ms=int(last_beat * 1000))
-        log.warning("MLflow run %s of flow run %s ended as %s: %s", run.info.run_id, flow_run_id, status, reason)
+        log.warning("MLflow run %s of flow run %s ended as %s: %s", run.info.run_id, flow_run_id, status, redact(reason))
         reaped.append(Reaped(run.info.run_id, flow_run_id, status, reason))
     return reaped
 
@@ -145,4 +155,4 @@ def end_tracking_hook(flow: Any, flow_run: Any, state: Any) -> None:
             Heartbeat.stop(run.info.run_id)
             end_runs(tracker, run.info.run_id, status, f"Prefect flow run {state.type.value}: {state.message or ''}"[:500])
     except Exception as err:  # noqa: BLE001 - see docstring
-        log.warning("could not end the MLflow runs of flow run %s: %s", getattr(flow_run, "id", "?"), err)
+        log.warning("could not end the MLflow runs of flow run %s: %s", getattr(flow_run, "id", "?"), redact(str(err)))

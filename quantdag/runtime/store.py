@@ -20,6 +20,14 @@ artifacts: whatever a killed writer leaves under ``staging/`` is never read.
 Large local artifacts (an exported checkpoint of 8-60 GB): write them into
 :meth:`ArtifactStore.scratch_dir` and store them with ``put_dir(..., move=True)``; on a local store
 the files are then renamed into place instead of copied, so storing costs one hashing pass.
+
+Nothing in the store is trusted because it exists. The manifest holds every file's size, sha256
+and stat signature at the time it was published (``mtime_ns`` on a local store, the ETag on S3).
+:meth:`ArtifactStore.check` compares an artifact with its manifest in seconds whatever its size:
+every size, every signature, and the sha256 of every file up to :data:`QUICK_HASH_BYTES` or whose
+signature changed; :meth:`ArtifactStore.verify` re-hashes every byte. Cached step results are
+checked before they are handed on (``quantdag.runtime.prefect_task``), ``put_dir`` replaces a
+damaged stored copy instead of keeping it, and S3 downloads are hashed before they are used.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -40,12 +49,19 @@ from typing import Any
 import fsspec
 from pydantic import BaseModel, ConfigDict
 
-MANIFEST = "MANIFEST.json"
+from quantdag.runtime.integrity import (MANIFEST, QUICK_HASH_BYTES, ArtifactDamagedError, differences, is_manifest,
+                                        local_listing, tree_sha256)
+
+__all__ = ["MANIFEST", "QUICK_HASH_BYTES", "ArtifactDamagedError", "ArtifactRef", "ArtifactStore", "file_sha256",
+           "files_sha256", "hash_workers", "tree_sha256"]
+
 _CHUNK = 8 << 20
 _MAX_HASH_THREADS = 8
 # rename() errors that mean "these two paths cannot share a file": another filesystem or mount
 # (EXDEV), or a filesystem that refuses the operation; the file is then copied instead
 _NO_RENAME = frozenset({errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+
+log = logging.getLogger(__name__)
 
 
 class ArtifactRef(BaseModel):
@@ -71,6 +87,18 @@ class ArtifactRef(BaseModel):
         """URI of one file of the artifact."""
         return f"{self.uri}/{rel}"
 
+    @property
+    def store_root(self) -> str:
+        """Root of the store holding the artifact: ``uri`` without ``/objects/<kind>/<sha256>``.
+
+        Raises:
+            ValueError: ``uri`` does not end with the artifact's own ``objects/<kind>/<sha256>``.
+        """
+        suffix = f"/objects/{self.kind}/{self.sha256}"
+        if not self.uri.endswith(suffix):
+            raise ValueError(f"artifact uri {self.uri} does not end with {suffix}: not an object of a quantdag store")
+        return self.uri.removesuffix(suffix)
+
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """sha256 hex digest of a local file, read in 8 MiB chunks."""
@@ -78,14 +106,6 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
-    return digest.hexdigest()
-
-
-def tree_sha256(files: dict[str, str]) -> str:
-    """Digest of a file tree given ``{relative path: file sha256}`` (order independent)."""
-    digest = hashlib.sha256()
-    for rel in sorted(files):
-        digest.update(f"{rel}\0{files[rel]}\n".encode())
     return digest.hexdigest()
 
 
@@ -135,6 +155,11 @@ class ArtifactStore:
             self._root_path = str(Path(self._root_path).resolve())
         self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "quantdag" / "artifacts")
 
+    @classmethod
+    def for_ref(cls, ref: ArtifactRef, cache_dir: str | None = None) -> ArtifactStore:
+        """The store that holds ``ref`` (see :attr:`ArtifactRef.store_root`)."""
+        return cls(ref.store_root, cache_dir)
+
     # ----------------------------------------------------------------------------------- names
     def _uri(self, path: str) -> str:
         if self.is_local:
@@ -151,10 +176,13 @@ class ArtifactStore:
         """Store every file under ``local_dir`` as one artifact and return its reference.
 
         Sizes in the reference (``files``) are in bytes. Every file is read once to hash it (on up
-        to ``min(8, os.cpu_count())`` threads); then, unless the artifact already exists, the
-        files are copied (with ``move=True``: renamed where possible) into ``staging/``, moved to
-        ``objects/<kind>/<sha256>/``, and the manifest is written last. The caller must not change
-        the source files while ``put_dir`` runs (the stored bytes must be the hashed bytes).
+        to ``min(8, os.cpu_count())`` threads); then, unless the artifact already exists intact
+        (:meth:`check`), the files are copied (with ``move=True``: renamed where possible) into
+        ``staging/``, moved to ``objects/<kind>/<sha256>/``, files that do not belong there are
+        deleted, and the manifest (sizes, sha256 and stat signatures) is written last. A stored
+        copy that differs from its manifest is unpublished (manifest removed) and replaced. The
+        caller must not change the source files while ``put_dir`` runs (the stored bytes must be
+        the hashed bytes).
 
         Args:
             local_dir: the directory to store (``MANIFEST.json`` in it is ignored).
@@ -202,11 +230,16 @@ class ArtifactStore:
         shas = {rel: hashed[rel] for rel in sources}  # sorted by path, as the manifest always was
         sha = tree_sha256(shas)
         ref = ArtifactRef(uri=self._uri(self._obj(kind, sha)), sha256=sha, kind=kind, files=sizes, meta=meta or {})
-        if self.exists(ref):
-            if move:
-                _unlink_all(sources.values())
-            return ref
         final = self._obj(kind, sha)
+        if self.exists(ref):
+            problems = self.check(ref)
+            if not problems:
+                if move:
+                    _unlink_all(sources.values())
+                return ref
+            log.warning("stored %s %s at %s is damaged (%s): replacing it", kind, sha[:12], ref.uri,
+                        "; ".join(problems[:5]))
+            self._unpublish(final)  # readers see no artifact while its files are replaced
         staging = f"{self._root_path}/staging/{uuid.uuid4().hex}"
         try:
             for rel in shas:
@@ -219,7 +252,12 @@ class ArtifactStore:
                     os.replace(f"{staging}/{rel}", f"{final}/{rel}")
                 else:
                     self.fs.copy(f"{staging}/{rel}", f"{final}/{rel}")
-            manifest = json.dumps({**ref.model_dump(), "file_sha256": shas}, indent=1, sort_keys=True)
+            placed = self._listing(final)
+            for rel in sorted(placed.keys() - shas.keys()):  # left by a damaged copy or a killed writer
+                self.fs.rm_file(f"{final}/{rel}")
+            signatures = {rel: placed[rel][1] for rel in shas}
+            manifest = json.dumps({**ref.model_dump(), "file_sha256": shas, "file_signature": signatures},
+                                  indent=1, sort_keys=True)
             self._write_atomic(f"{final}/{MANIFEST}", manifest.encode())
         finally:
             if self.fs.exists(staging):
@@ -306,8 +344,13 @@ class ArtifactStore:
     def local_dir(self, ref: ArtifactRef) -> Path:
         """A local directory holding the artifact's files, downloading from S3 when needed.
 
+        An S3 artifact is downloaded once into ``cache_dir`` and every file is hashed against the
+        manifest before the copy is used; a copy found damaged later (:meth:`check`'s quick
+        comparison) is discarded and downloaded again.
+
         Raises:
             FileNotFoundError: the artifact has no manifest (never finished, or deleted).
+            ArtifactDamagedError: a downloaded file differs from the manifest.
         """
         if not self.exists(ref):
             raise FileNotFoundError(
@@ -318,34 +361,163 @@ class ArtifactStore:
             return Path(ref.uri)
         dest = self.cache_dir / ref.kind / ref.sha256
         if (dest / MANIFEST).exists():
-            return dest
+            problems = _local_differences(dest, ref)
+            if not problems:
+                return dest
+            log.warning("local copy %s of %s is damaged (%s): downloading it again", dest, ref.uri, "; ".join(problems[:5]))
+            _discard(dest)
         part = dest.with_name(f"{dest.name}.{uuid.uuid4().hex}.part")
         remote = self._strip(ref.uri)
-        for rel in ref.files:
-            (part / rel).parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(f"{remote}/{rel}", str(part / rel))
-        self.fs.get_file(f"{remote}/{MANIFEST}", str(part / MANIFEST))
-        dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.replace(part, dest)
-        except OSError:  # another process finished the same download first
+            for rel in ref.files:
+                (part / rel).parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(f"{remote}/{rel}", str(part / rel))
+            self.fs.get_file(f"{remote}/{MANIFEST}", str(part / MANIFEST))
+            manifest = json.loads((part / MANIFEST).read_text())
+            manifest["file_signature"] = {rel: sig for rel, (_, sig) in local_listing(part).items()}
+            problems = differences(ref, manifest, local_listing(part), _local_hasher(part), full=True)
+            if problems:
+                raise ArtifactDamagedError(ref, [f"downloaded {line}" for line in problems])
+            (part / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(part, dest)
+            except OSError:  # another process finished the same download first
+                pass
+        finally:
             shutil.rmtree(part, ignore_errors=True)
         return dest
 
-    def verify(self, ref: ArtifactRef) -> None:
-        """Re-hash the artifact's files and compare with its manifest.
+    def check(self, ref: ArtifactRef, *, full: bool = False) -> list[str]:
+        """Compare the stored artifact with its manifest; one line per difference, [] when intact.
+
+        Quick by default, in seconds even for a checkpoint of tens of GB: every file's presence and
+        size, no unexpected file, and the sha256 of each file of at most :data:`QUICK_HASH_BYTES`
+        or whose stat signature (local ``mtime_ns``, S3 ETag) changed since it was published.
+
+        Args:
+            ref: the artifact.
+            full: re-hash every file instead (reads every byte; S3: streams every object).
+
+        Returns:
+            Problems such as ``config.json was rewritten (...)``, ``model.safetensors has 12
+            bytes, 40 published``, ``MANIFEST.json is missing``; empty when the artifact matches.
+        """
+        obj = self._strip(ref.uri)
+        self.fs.invalidate_cache()
+        try:
+            manifest = json.loads(self.fs.cat_file(f"{obj}/{MANIFEST}"))
+        except FileNotFoundError:
+            return [f"{MANIFEST} is missing (never finished, deleted or being replaced)"]
+        except (OSError, ValueError) as err:
+            return [f"{MANIFEST} is unreadable ({type(err).__name__}: {err})"]
+        return differences(ref, manifest, self._listing(obj), self._hasher(obj), full=full)
+
+    def verify(self, ref: ArtifactRef, *, unpublish: bool = False) -> None:
+        """Re-hash every byte of the artifact and compare with its manifest.
+
+        A local artifact is read in full; for S3 the objects are checked by size and ETag
+        (:meth:`check`) and the local copy that steps read (:meth:`local_dir`) is read in full (a
+        damaged local copy is downloaded again once before the artifact counts as damaged).
+
+        Args:
+            ref: the artifact.
+            unpublish: when it is damaged, also remove its manifest, so that no later run takes
+                it as a cache hit and the step that makes it recomputes it (use where a damage a
+                quick check cannot see must not come back: audit, registration).
 
         Raises:
-            ValueError: a file is missing or its sha256 differs from the manifest.
+            ArtifactDamagedError: (a ``ValueError``) the manifest is missing, or a file is missing,
+                resized, rewritten or unexpected; the message names each one.
         """
-        root = self.local_dir(ref)
+        problems = self.check(ref, full=self.is_local)
+        if not problems and not self.is_local:
+            try:
+                local = self.local_dir(ref)
+                problems = _local_differences(local, ref, full=True)
+                if problems:  # maybe only the local copy: fetch it again
+                    _discard(local)
+                    problems = _local_differences(self.local_dir(ref), ref, full=True)
+            except ArtifactDamagedError as err:  # the downloaded bytes differ from the manifest
+                problems = err.problems
+        if problems:
+            unpublished = unpublish and self.exists(ref)
+            if unpublished:
+                self._unpublish(self._strip(ref.uri))
+                log.warning("unpublished damaged %s %s at %s: %s", ref.kind, ref.sha256[:12], ref.uri, "; ".join(problems[:5]))
+            raise ArtifactDamagedError(ref, problems, unpublished=unpublished)
+
+    def unpublish(self, ref: ArtifactRef) -> None:
+        """Remove the artifact's manifest: from then on it does not exist for readers, and the step
+        that makes it recomputes it (its files stay until a write of the same artifact replaces them)."""
+        self._unpublish(self._strip(ref.uri))
+
+    def _unpublish(self, obj: str) -> None:
+        try:
+            self.fs.rm_file(f"{obj}/{MANIFEST}")
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache()
+
+    def _listing(self, obj: str) -> dict[str, tuple[int, str]]:
+        """Files of an object directory but its manifest: relative path -> (bytes, stat signature)."""
+        if self.is_local:
+            return local_listing(Path(obj))
+        self.fs.invalidate_cache()
+        try:
+            found = self.fs.find(obj, detail=True)
+        except FileNotFoundError:
+            return {}
+        listing = {}
+        for path, info in found.items():
+            rel = path[len(obj) + 1:]
+            if info.get("type", "file") == "file" and rel and not is_manifest(rel):
+                listing[rel] = (int(info["size"]), str(info.get("ETag") or info.get("etag") or ""))
+        return listing
+
+    def _hasher(self, obj: str) -> Any:
+        """``hasher(rels) -> {rel: sha256}`` over files of ``obj`` on up to :func:`hash_workers` threads."""
+        if self.is_local:
+            return _local_hasher(Path(obj))
+
+        def sha256_of(rel: str) -> str:
+            digest = hashlib.sha256()
+            with self.fs.open(f"{obj}/{rel}", "rb", block_size=_CHUNK) as handle:
+                while chunk := handle.read(_CHUNK):
+                    digest.update(chunk)
+            return digest.hexdigest()
+
+        def hasher(rels: list[str]) -> dict[str, str]:
+            if not rels:
+                return {}
+            with ThreadPoolExecutor(max_workers=hash_workers(len(rels)), thread_name_prefix="quantdag-hash") as pool:
+                futures = {rel: pool.submit(sha256_of, rel) for rel in rels}
+                return {rel: future.result() for rel, future in futures.items()}
+
+        return hasher
+
+
+def _local_hasher(root: Path) -> Any:
+    return lambda rels: files_sha256({rel: root / rel for rel in rels})
+
+
+def _local_differences(root: Path, ref: ArtifactRef, full: bool = False) -> list[str]:
+    """:meth:`ArtifactStore.check` of a local copy of an artifact (its own manifest inside)."""
+    try:
         manifest = json.loads((root / MANIFEST).read_text())
-        expected: dict[str, str] = manifest["file_sha256"]
-        present = {rel: root / rel for rel in expected if (root / rel).is_file()}
-        actual = files_sha256(present)
-        bad = [rel for rel, sha in expected.items() if actual.get(rel) != sha]
-        if bad:
-            raise ValueError(f"artifact {ref.uri} is corrupt: files {bad} differ from its manifest")
+    except (OSError, ValueError) as err:
+        return [f"{root / MANIFEST} is unreadable ({type(err).__name__}: {err})"]
+    return differences(ref, manifest, local_listing(root), _local_hasher(root), full=full)
+
+
+def _discard(directory: Path) -> None:
+    """Move a directory out of the way (one rename), then delete it."""
+    trash = directory.with_name(f"{directory.name}.{uuid.uuid4().hex}.damaged")
+    try:
+        os.replace(directory, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _rename(src: Path, dst: str) -> bool:

@@ -9,8 +9,12 @@ every parent run has the full lineage.
 A retried flow run (Prefect UI "Retry" keeps the flow-run id) reattaches to the parent run that
 carries its ``prefect.flow_run_id`` tag instead of creating a second one.
 
-While a parent run is open, a :class:`Heartbeat` thread stamps its ``quantdag.heartbeat`` tag, so
-``quantdag.runtime.reaper`` can tell a run whose process was killed (no heartbeat) from a live one.
+While a parent run is open, a :class:`Heartbeat` thread stamps its ``quantdag.heartbeat`` tag, and
+the parent carries the identity of the process running the flow (``quantdag.process``,
+:mod:`quantdag.runtime.liveness`), so ``quantdag.runtime.reaper`` can tell a run whose process was
+killed (process gone, or no heartbeat) from a live one.
+
+Every param and tag passes through :func:`quantdag.runtime.secrets.redact` on its way to MLflow.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunS
 from mlflow.tracking import MlflowClient
 
 from conf.settings import settings
+from quantdag.runtime.liveness import PROCESS_TAG, process_identity
 from quantdag.runtime.secrets import redact
 
 EXPERIMENT = "quantdag"
@@ -57,6 +62,11 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
     if isinstance(value, list | tuple):
         return {prefix: json.dumps(list(value))[:_MAX_PARAM]}
     return {prefix: str(value)[:_MAX_PARAM]}
+
+
+def safe_tags(tags: dict[str, Any]) -> dict[str, str]:
+    """``tags`` as strings with secrets masked (:func:`quantdag.runtime.secrets.redact`)."""
+    return {key: redact(str(value)) for key, value in tags.items()}
 
 
 def numeric(values: dict[str, Any]) -> dict[str, float]:
@@ -93,11 +103,13 @@ class Tracker:
             run_id = existing[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
             self.client.set_tag(run_id, "quantdag.attempts", str(int(existing[0].data.tags.get("quantdag.attempts", "1")) + 1))
+            self.client.set_tag(run_id, PROCESS_TAG, process_identity())  # the retry runs in another process
             Heartbeat.start(self.client, run_id)
             return run_id
         run = self.client.create_run(
             self.experiment_id, run_name=run_name,
-            tags={**tags, "prefect.flow_run_id": flow_run_id, "quantdag.role": "parent", "quantdag.attempts": "1"},
+            tags=safe_tags({**tags, "prefect.flow_run_id": flow_run_id, "quantdag.role": "parent",
+                            "quantdag.attempts": "1", PROCESS_TAG: process_identity()}),
         )
         self._log(run.info.run_id, params=params)
         Heartbeat.start(self.client, run.info.run_id)
@@ -114,12 +126,13 @@ class Tracker:
         """
         run = self.client.create_run(
             self.experiment_id, run_name=step,
-            tags={"mlflow.parentRunId": parent_id, "quantdag.step": step, "cached": str(cached).lower(), **(tags or {})},
+            tags=safe_tags({"mlflow.parentRunId": parent_id, "quantdag.step": step, "cached": str(cached).lower(),
+                            **(tags or {})}),
         )
         run_id = run.info.run_id
         self._log(run_id, params=flatten("", params or {}), metrics=numeric(metrics or {}))
         for entry in datasets or []:
-            dataset = Dataset(name=entry["name"], digest=entry["digest"][:36], source_type="quantdag", source=json.dumps({"uri": entry["source"]}))
+            dataset = Dataset(name=entry["name"], digest=entry["digest"][:36], source_type="quantdag", source=redact(json.dumps({"uri": entry["source"]})))
             self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", entry["context"])])])
         for path in artifacts or []:
             self.client.log_artifact(run_id, str(path))
@@ -163,14 +176,18 @@ class Tracker:
         for existing in self.client.search_model_versions(f"name='{model_name}'"):
             if tags.get("checkpoint_sha256") and existing.tags.get("checkpoint_sha256") == tags["checkpoint_sha256"]:
                 return existing.version  # the same checkpoint is registered once
-        version = self.client.create_model_version(model_name, source_uri, run_id=parent_id, tags=tags)
+        version = self.client.create_model_version(model_name, source_uri, run_id=parent_id, tags=safe_tags(tags))
         return version.version
 
+    def set_tag(self, run_id: str, key: str, value: Any) -> None:
+        """Set one tag, secrets masked."""
+        self.client.set_tag(run_id, key, redact(str(value)))
+
     def run_url(self, run_id: str) -> str:
-        """Link to the run in MLflow's UI (for http servers) or how to open it (SQLite)."""
+        """Link to the run in MLflow's UI (for http servers) or how to open it (SQLite); secrets masked."""
         if self.tracking_uri.startswith("http"):
-            return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
-        return f"mlflow ui --backend-store-uri {self.tracking_uri}  (experiment {EXPERIMENT}, run {run_id})"
+            return redact(f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}")
+        return redact(f"mlflow ui --backend-store-uri {self.tracking_uri}  (experiment {EXPERIMENT}, run {run_id})")
 
 
 def heartbeat_seconds() -> float:

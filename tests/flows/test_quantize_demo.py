@@ -160,3 +160,27 @@ def test_calibration_in_worker_processes_gives_the_same_checkpoint(first_run, pr
     assert calibrations <= set(result["cached"]), f"calibration steps: {sorted(result['cached'])}"
     assert not any(result["cached"][step] for step in calibrations), result["cached"]
     assert result["checkpoint"]["sha256"] == first_run["checkpoint"]["sha256"]
+
+
+def test_a_base_with_nan_weights_fails_naming_the_tensor_before_any_model_loads(profile, demo_root: Path,
+                                                                               tmp_path: Path) -> None:
+    """A NaN in one weight of the base: the run fails in ``scan_base`` with the tensor's name,
+    before the BF16 reference (or anything else) loads a model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from flows.quantize import quantize
+    from quantdag.model.loading import model_loads
+
+    damaged = tmp_path / "model"
+    shutil.copytree(demo_root / "model", damaged)
+    file = damaged / "model.safetensors"
+    tensors = load_file(str(file))
+    name = next(key for key in sorted(tensors) if key.endswith("mlp.down_proj.weight"))
+    tensors[name].view(-1)[3] = float("nan")
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    loads = model_loads()
+    with pytest.raises(ValueError, match=f"hold NaN or infinite values: {name.replace('.', '[.]')}"):
+        quantize(profile.model_copy(update={"base": profile.base.model_copy(update={"local_dir": str(damaged)})}))
+    assert model_loads() == loads, "a model was loaded before the NaN weight was reported"

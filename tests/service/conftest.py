@@ -21,7 +21,11 @@ from services import Service, start_worker  # noqa: E402
 from tiny import build_tiny_workspace  # noqa: E402
 
 POOL = "quantdag-gpu"
-FAKE_SECRETS = {"HF_TOKEN": "hf_quantdagFAKEtoken0123456789", "AWS_SECRET_ACCESS_KEY": "quantdag-FAKE-aws-secret-987654"}
+FAKE_SECRETS = {"HF_TOKEN": "hf_quantdagFAKEtoken0123456789", "AWS_SECRET_ACCESS_KEY": "quantdag-FAKE-aws-secret-987654",
+                "MLFLOW_TRACKING_PASSWORD": "quantdag-FAKE-mlflow-password-135"}
+"""Planted in every worker's environment; no store of the stack may ever hold one of them."""
+PLANTED_URL_PASSWORD = "quantdag-FAKE-url-password-2468"
+"""Offered in a profile URL (``http://user:<this>@host``); refused, so no store may hold it either."""
 FAST = {
     "PREFECT_WORKER_QUERY_SECONDS": "1",
     "QUANTDAG_HEARTBEAT_SECONDS": "1",
@@ -44,7 +48,7 @@ class Workers:
         self.count += 1
         home = self.service_dir / f"worker-home-{self.count}"
         home.mkdir(exist_ok=True)
-        env = {**FAST, **FAKE_SECRETS, "PREFECT_HOME": str(home)}
+        env = {**FAST, **FAKE_SECRETS, "MLFLOW_TRACKING_USERNAME": "quantdag", "PREFECT_HOME": str(home)}
         self.current = start_worker(self.service_dir, POOL, name, env)
         return self.current
 
@@ -66,7 +70,7 @@ def stack(prefect_api: str, mlflow_server: str, s3_endpoint: str, service_dir: P
                "QUANTDAG_ARTIFACTS": "s3://quantdag/artifacts", "MLFLOW_TRACKING_URI": mlflow_server}
     cli("work-pool", "create", POOL, "--type", "process", "--overwrite", env=cli_env)
     cli("deploy", "--all", env=cli_env, timeout=600)
-    for name in ("gpu-1", "gpu-2"):
+    for name in ("gpu-1", "gpu-2", "gpu-3", "gpu-4"):  # one per killed run of the kill -9 chain
         cli("global-concurrency-limit", "create", name, "--limit", "1", env=cli_env)
     deployment = json.loads(cli("deployment", "inspect", "quantize/demo", "--output", "json", env=cli_env).stdout)
     workers = Workers(service_dir)

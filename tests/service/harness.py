@@ -232,3 +232,45 @@ def alive(pid: int, grace: float = 10.0) -> bool:
         if time.monotonic() > deadline:
             return True
         time.sleep(0.2)
+
+
+def store_damage(root: str = "s3://quantdag/artifacts") -> str:
+    """``none``, or how many published objects of the store differ from their manifests and which.
+
+    Every object with a manifest is compared with it (:meth:`ArtifactStore.check`); objects a
+    killed writer left without a manifest do not exist for readers and are not counted.
+    """
+    from quantdag.runtime.store import MANIFEST, ArtifactRef, ArtifactStore
+
+    store = ArtifactStore(root)
+    store.fs.invalidate_cache()
+    objects = f"{root.split('://', 1)[1]}/objects"
+    manifests = [p for p in store.fs.find(objects) if p.endswith(f"/{MANIFEST}")] if store.fs.exists(objects) else []
+    damaged = []
+    for path in manifests:
+        data = json.loads(store.fs.cat_file(path))
+        ref = ArtifactRef(**{key: data[key] for key in ("uri", "sha256", "kind", "files", "meta")})
+        if problems := store.check(ref):
+            damaged.append(f"{ref.kind} {ref.sha256[:12]}: {problems[0]}")
+    return f"none ({len(manifests)} objects checked)" if not damaged else (
+        f"{len(damaged)} of {len(manifests)} objects damaged: {'; '.join(damaged[:3])}")
+
+
+def stored_texts(service_dir: Path, s3_roots: list[str], max_bytes: int = 200 << 20) -> dict[str, str]:
+    """Every file the stack keeps, as text: the service directory (Prefect and MLflow databases,
+    service and worker logs, worker homes) and every object under ``s3_roots`` (MLflow artifacts,
+    the artifact store and Prefect's results). Bytes are decoded as latin-1, so a secret written
+    in any encoding-compatible way is found by a substring search."""
+    import s3fs
+
+    texts = {}
+    for path in sorted(Path(service_dir).rglob("*")):
+        if path.is_file() and path.stat().st_size <= max_bytes:
+            texts[str(path)] = path.read_bytes().decode("latin-1")
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    for root in s3_roots:
+        for key, info in fs.find(root.split("://", 1)[1], detail=True).items():
+            if info["size"] <= max_bytes:
+                texts[f"s3://{key}"] = fs.cat_file(key).decode("latin-1")
+    return texts
+

@@ -8,14 +8,17 @@ One session deploys the repository's prefect.yaml; the tests below run in file o
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import s3fs
 
-from harness import (Stack, alive, cli, flow_logs, kill_groups, kill_session, read_flow_run, task_result, task_states,
-                     wait_for)
+from fault_rows import fault_row
+from harness import (BIN, REPO, Stack, alive, cli, flow_logs, kill_groups, kill_session, read_flow_run, store_damage,
+                     stored_texts, task_result, task_states, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +38,12 @@ def calibration_step(states: dict[str, str]) -> str:
 
 def s3() -> s3fs.S3FileSystem:
     return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+def default_profile(stack: Stack) -> dict:
+    """The deployment's default ``profile`` parameter (the resolved demo profile)."""
+    return json.loads(cli("deployment", "inspect", "quantize/demo", "--output", "json",
+                          env=stack.cli_env).stdout)["parameters"]["profile"]
 
 
 def test_prefect_yaml_deploys_every_profile_with_schema_pool_and_gpu_slot(stack: Stack) -> None:
@@ -129,7 +138,9 @@ def test_ui_retry_on_a_fresh_worker_reruns_only_the_failed_step_and_reattaches_m
     assert not local, f"results must not be kept on the worker's disk: {local}"
 
 
-def test_two_identical_runs_at_once_compute_each_step_once(stack: Stack) -> None:
+def test_two_identical_runs_at_once_compute_each_step_once(stack: Stack, request) -> None:
+    row = fault_row(request, "duplicate triggers (two identical runs at once)",
+                    "each step computed once (the other run waits on the step lease, then hits); same checkpoint")
     runs = [stack.run("revision=concurrent", wait=False) for _ in range(2)]
     done = [wait_for(str(run.id), timeout=400) for run in runs]
     assert all(run.state.type.value == "COMPLETED" for run in done), [run.state.message for run in done]
@@ -142,13 +153,16 @@ def test_two_identical_runs_at_once_compute_each_step_once(stack: Stack) -> None
     assert refs[0] == refs[1]
     manifest = json.loads(s3().cat_file(f"{refs[0]['uri'].removeprefix('s3://')}/MANIFEST.json"))
     assert manifest["sha256"] == refs[0]["sha256"]
+    row.observed("both COMPLETED; calibrate, merge_amax, export, evaluate: one Completed + one Cached each; "
+                 "one checkpoint", store_damage())
 
 
-def test_unreachable_s3_or_mlflow_fails_before_any_model_loads_naming_the_endpoint(stack: Stack) -> None:
+def test_unreachable_s3_or_mlflow_fails_before_any_model_loads_naming_the_endpoint(stack: Stack, request) -> None:
     from services import free_port
 
-    profile = json.loads(cli("deployment", "inspect", "quantize/demo", "--output", "json",
-                             env=stack.cli_env).stdout)["parameters"]["profile"]
+    row = fault_row(request, "unreachable S3 / unreachable MLflow",
+                    "preflight fails naming the endpoint; no step after it runs")
+    profile = default_profile(stack)
     dead_mlflow = f"http://127.0.0.1:{free_port()}"
     dead_s3 = f"http://127.0.0.1:{free_port()}"
     runs = [stack.run(f"profile={json.dumps({**profile, 'tracking_uri': dead_mlflow})}", wait=False),
@@ -158,88 +172,141 @@ def test_unreachable_s3_or_mlflow_fails_before_any_model_loads_naming_the_endpoi
         assert finished.state.type.value == "FAILED"
         assert endpoint in finished.state.message, finished.state.message
         assert task_states(run.id) == {"preflight": "Failed"}, "nothing after preflight ran"
+    row.observed("both FAILED in preflight naming the dead endpoint; no other task ran", store_damage())
 
 
-def test_kill_9_during_calibration_and_export_then_rerun_completes(stack: Stack) -> None:
+MODEL_STEPS = {"bf16_reference": "bf16-reference", "calibrate": "quantizer-state", "export": "checkpoint",
+               "evaluate": "eval-report"}
+"""Each step that loads a model, and the kind of the artifact whose manifest it is killed at."""
+
+
+def _step(states: dict[str, str], step: str) -> str:
+    return calibration_step(states) if step == "calibrate" else step
+
+
+def test_kill_9_at_each_model_step_then_rerun_completes(stack: Stack, request) -> None:
     from prefect.client.orchestration import get_client
 
     from quantdag.runtime.store import ArtifactRef, ArtifactStore
 
+    row = fault_row(request, "kill -9 (flow run and worker) at each model step, each rerun within 150 s",
+                    "each rerun ends the killed run KILLED at once, recomputes only what was killed; the last completes")
     fs = s3()
-    # one more module kept in BF16, so that this checkpoint is new (the same recipe gives the same bytes)
-    default = json.loads(cli("deployment", "inspect", "quantize/demo", "--output", "json",
-                             env=stack.cli_env).stdout)["parameters"]["profile"]
+    # a new recipe and eval (the same ones give the same bytes, cached): every model step recomputes
+    default = default_profile(stack)
     recipe = {**default["recipe"], "exclude_modules": [*default["recipe"]["exclude_modules"], "*layers.1.mlp.down_proj"]}
-    profile = f"profile={json.dumps({**default, 'recipe': recipe})}"
-    # 1. die while the calibration state is being published (all files copied, manifest not yet)
-    k1 = stack.run(profile, env=stack.fault_env("pause", "quantizer-state"), wait=False)
-    info1 = stack.wait_marker(str(k1.id), "pause", "quantizer-state")
-    kill_groups(stack.workers.current.process.pid)
-    kill_session(info1["sid"])
-    killed_at = time.monotonic()
-    assert not alive(info1["pid"])
-    partial = info1["path"].rsplit("/", 1)[0]
-    assert fs.ls(partial) and not fs.exists(info1["path"]), "files without a manifest"
+    profile = f"profile={json.dumps({**default, 'recipe': recipe, 'eval': {**default['eval'], 'max_windows': 3}})}"
+    slow_reaper = {"QUANTDAG_STALE_AFTER_SECONDS": "600"}  # a stale heartbeat would take 10 minutes here
+    killed = []
+    for gpu, (step, kind) in enumerate(MODEL_STEPS.items()):
+        run = stack.run(profile, env={**stack.fault_env("pause", kind), "CUDA_VISIBLE_DEVICES": str(gpu), **slow_reaper},
+                        wait=False)
+        info = stack.wait_marker(str(run.id), "pause", kind)
+        kill_groups(stack.workers.current.process.pid)
+        kill_session(info["sid"])
+        assert not alive(info["pid"])
+        at_kill = task_states(run.id)
+        if killed:  # the step killed last time was recomputed, the ones before it were cache hits
+            previous = _step(at_kill, killed[-1][1])
+            assert at_kill[previous] == "Completed", (previous, at_kill)
+        partial = info["path"].rsplit("/", 1)[0]
+        assert fs.ls(partial) and not fs.exists(info["path"]), "files without a manifest"
+        killed.append((run, step, info))
+        stack.workers.start(f"after-kill-{gpu}")  # the node comes back: a new worker, nothing local kept
 
-    # 2. rerun on another GPU: takes over the dead lease, recomputes calibration, dies during export
-    stack.workers.start("after-kill-1")
-    time.sleep(max(0.0, 10 - (time.monotonic() - killed_at)))  # past QUANTDAG_STALE_AFTER_SECONDS
-    k2 = stack.run(profile, env={**stack.fault_env("pause", "checkpoint"), "CUDA_VISIBLE_DEVICES": "1"}, wait=False)
-    info2 = stack.wait_marker(str(k2.id), "pause", "checkpoint")
-    kill_groups(stack.workers.current.process.pid)
-    kill_session(info2["sid"])
-    killed_at = time.monotonic()
-    assert not alive(info2["pid"])
-    at_kill = task_states(k2.id)
-    calibrate = calibration_step(at_kill)
-    assert at_kill[calibrate] == "Completed" and at_kill["fetch_text"] == "Cached", at_kill
-
-    # 3. rerun again: finishes, reusing everything before export
-    stack.workers.start("after-kill-2")
-    time.sleep(max(0.0, 10 - (time.monotonic() - killed_at)))
-    rerun = stack.run(profile, env={"CUDA_VISIBLE_DEVICES": "2"})
+    rerun = stack.run(profile, env={"CUDA_VISIBLE_DEVICES": str(len(MODEL_STEPS)), **slow_reaper})
     assert rerun.state.type.value == "COMPLETED", rerun.state.message
     states = cached_steps(task_states(rerun.id))
-    assert states["export"] == "Completed" and states["merge_amax"] == "Cached" and states[calibrate] == "Cached", states
+    assert states["evaluate"] == "Completed", states
+    assert all(states[_step(states, step)] == "Cached" for step in list(MODEL_STEPS)[:-1]), states
     checkpoint = ArtifactRef(**stack.flow_result(rerun)["checkpoint"])
-    assert f"{checkpoint.uri.removeprefix('s3://')}/MANIFEST.json" == info2["path"]
     ArtifactStore("s3://quantdag/artifacts", cache_dir=str(stack.home / "verify-kill")).verify(checkpoint)
-    used = task_result(str(rerun.id), calibrate)  # what merge_amax of the finished run read
-    for state in used.values() if isinstance(used, dict) else [used]:
-        assert state.uri != f"s3://{partial}" and ArtifactStore("s3://quantdag/artifacts").exists(state)
-    assert not fs.exists(info1["path"]), "the half-published state (timings differ, so another sha) stays unreadable"
-    leftover = [p for p in fs.find("quantdag/artifacts/prefect-results/locks") if p.endswith(".lease")]
-    assert not leftover, f"leases of killed holders were taken over and released: {leftover}"
+    # leases of killed holders were taken over and released, or (a key no rerun needed: the code
+    # changed in between) have expired: none blocks a later run
+    leases = [json.loads(fs.cat_file(p)) for p in fs.find("quantdag/artifacts/prefect-results/locks") if p.endswith(".lease")]
+    assert all(lease["expires"] < time.time() for lease in leases), f"live leases of killed holders: {leases}"
 
-    # the killed runs' records end instead of staying RUNNING forever
-    for killed in (k1, k2):
-        (parent,) = stack.parent_runs(str(killed.id))
+    # the killed runs' records end at once (a heartbeat seconds old, stale window 600 s): their processes are gone
+    for killed_run, _, _ in killed:
+        (parent,) = stack.parent_runs(str(killed_run.id))
         assert parent.info.status == "KILLED", (parent.info.status, parent.data.tags.get("quantdag.end_reason"))
-        assert "no heartbeat" in parent.data.tags["quantdag.end_reason"]
-        assert read_flow_run(str(killed.id)).state.type.value == "CRASHED"
+        assert "is gone" in parent.data.tags["quantdag.end_reason"], parent.data.tags["quantdag.end_reason"]
+        assert read_flow_run(str(killed_run.id)).state.type.value == "CRASHED"
+    damage = store_damage()
+    row.observed(f"4 kills; each rerun recomputed only the killed step; killed runs KILLED + CRASHED; last run "
+                 f"COMPLETED ({', '.join(f'{k}: {v}' for k, v in states.items() if k in MODEL_STEPS or k.startswith('calibrate'))})",
+                 damage)
     # and the GPU slots the killed runs held are given back when their 60 s leases run out
     deadline = time.monotonic() + 120
     with get_client(sync_client=True) as client:
-        while any(client.read_global_concurrency_limit_by_name(n).active_slots for n in ("gpu-0", "gpu-1")):
+        while any(client.read_global_concurrency_limit_by_name(f"gpu-{i}").active_slots for i in range(len(MODEL_STEPS))):
             assert time.monotonic() < deadline, "GPU slots of killed runs were never released"
             time.sleep(3)
 
 
-def test_secrets_never_reach_mlflow_params_tags_or_prefect_logs(stack: Stack) -> None:
-    from conftest import FAKE_SECRETS
+def test_checkpoint_changed_in_the_store_after_its_audit_is_recomputed_not_registered(stack: Stack, request) -> None:
+    from quantdag.runtime.store import ArtifactRef, ArtifactStore
+
+    row = fault_row(request, "checkpoint changed in the store after its audit (lm_head removed from both exclude lists)",
+                    "the export's hit is refused and the export recomputed (stored copy replaced); only audited bytes "
+                    "are registered, under the new name too")
+    fs = s3()
+    audited = stack.run()  # the default profile, audited (cache hits when the first run's code is still current)
+    assert audited.state.type.value == "COMPLETED", audited.state.message
+    checkpoint = ArtifactRef(**stack.flow_result(audited)["checkpoint"])
+    key = checkpoint.uri.removeprefix("s3://")
+    for name, section, field in (("hf_quant_config.json", "quantization", "exclude_modules"),
+                                 ("config.json", "quantization_config", "ignore")):
+        data = json.loads(fs.cat_file(f"{key}/{name}"))
+        assert "lm_head" in data[section][field], (name, data[section][field])
+        data[section][field] = [p for p in data[section][field] if p != "lm_head"]
+        fs.pipe_file(f"{key}/{name}", json.dumps(data, indent=2).encode())
+    renamed = {**default_profile(stack), "registered_model_name": "demo-renamed"}
+    run = stack.run(f"profile={json.dumps(renamed)}")
+    assert run.state.type.value == "COMPLETED", run.state.message
+    states = cached_steps(task_states(run.id))
+    assert states["export"] == "Completed", f"a damaged checkpoint was served as a cache hit: {states}"
+    refused = [line for line in flow_logs(str(run.id)) if "points to damaged artifacts" in line]
+    assert refused and checkpoint.sha256[:12] in refused[0], "the export recomputed, but not because of the damage"
+    result = stack.flow_result(run)
+    version = stack.mlflow_client().get_model_version("demo-renamed", result["model_version"])
+    audit = task_result(str(run.id), "audit")
+    assert version.tags["checkpoint_sha256"] == result["checkpoint"]["sha256"] == audit.meta["checkpoint_sha256"]
+    assert version.tags["audit_report_sha256"] == audit.sha256
+    repaired = ArtifactRef(**result["checkpoint"])
+    ArtifactStore("s3://quantdag/artifacts", cache_dir=str(stack.home / "verify-repaired")).verify(repaired)
+    assert "lm_head" in json.loads(fs.cat_file(f"{repaired.uri.removeprefix('s3://')}/hf_quant_config.json"))[
+        "quantization"]["exclude_modules"]
+    row.observed(f"export {states['export']} (hit refused), audit {states['audit']}, evaluate {states['evaluate']}; "
+                 f"demo-renamed v{result['model_version']} = audited sha {repaired.sha256[:12]}; stored copy repaired",
+                 store_damage())
+
+
+def test_secrets_never_reach_any_store(stack: Stack, request) -> None:
+    from conftest import FAKE_SECRETS, PLANTED_URL_PASSWORD
+
+    row = fault_row(request, "secrets in the environment, a password in a profile URL",
+                    "URL refused at validation (masked); no planted secret in MLflow (DB, params, tags, artifacts), "
+                    "Prefect (DB, logs, parameters), service logs or the artifact store")
+    offered = subprocess.run([str(BIN / "quantdag"), "run", "demo", "--set",
+                              f"tracking_uri=http://quantdag:{PLANTED_URL_PASSWORD}@{stack.mlflow.split('://', 1)[1]}"],
+                             cwd=REPO, env={**os.environ, **stack.cli_env}, capture_output=True, text=True, timeout=300)
+    assert offered.returncode == 2 and "holds a credential in its URL" in offered.stderr, offered.stderr[-2000:]
+    assert PLANTED_URL_PASSWORD not in offered.stdout + offered.stderr
 
     markers = [json.loads(p.read_text()) for p in stack.fault_dir.glob("*.json")]
     assert any(set(m["secrets_in_env"]) == set(FAKE_SECRETS) for m in markers), "the flow runs had the secrets"
     client = stack.mlflow_client()
     experiment = client.get_experiment_by_name("quantdag")
-    recorded = []
+    recorded = {}
     for run in client.search_runs([experiment.experiment_id], max_results=1000):
-        recorded += [*run.data.params.values(), *run.data.tags.values()]
-    assert len(recorded) > 100
+        recorded[f"mlflow run {run.info.run_id}"] = json.dumps([run.data.params, run.data.tags])
+    assert len(recorded) > 10
     for flow_run_id in stack.flow_runs:
-        recorded += flow_logs(flow_run_id)
-        recorded.append(json.dumps(read_flow_run(flow_run_id).parameters))
-    recorded += [log.read_text() for log in Path(stack.workers.service_dir).glob("worker-*.log")]
-    for name, secret in FAKE_SECRETS.items():
-        leaks = [text[:200] for text in recorded if secret in text]
-        assert not leaks, f"{name} leaked into: {leaks}"
+        recorded[f"prefect logs {flow_run_id}"] = "\n".join(flow_logs(flow_run_id))
+        recorded[f"prefect parameters {flow_run_id}"] = json.dumps(read_flow_run(flow_run_id).parameters)
+    recorded |= stored_texts(stack.workers.service_dir, ["s3://mlflow", "s3://quantdag"])
+    planted = {**FAKE_SECRETS, "URL password": PLANTED_URL_PASSWORD}
+    leaks = [f"{name} in {where}" for where, text in recorded.items() for name, secret in planted.items() if secret in text]
+    assert not leaks, leaks
+    row.observed(f"refused (exit 2, masked); {len(planted)} secrets grepped in {len(recorded)} records and files: no leak")

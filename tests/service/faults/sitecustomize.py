@@ -27,7 +27,8 @@ if _SPEC and _FLOW_RUN:
         if f"/objects/{_KIND}/" in path and not os.path.exists(marker):
             info = {"pid": os.getpid(), "pgid": os.getpgid(0), "sid": os.getsid(0), "ppid": os.getppid(),
                     "parent_pgid": os.getpgid(os.getppid()), "path": path,
-                    "secrets_in_env": sorted(k for k in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY") if os.environ.get(k))}
+                    "secrets_in_env": sorted(k for k in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD")
+                                              if os.environ.get(k))}
             with open(f"{marker}.tmp", "w") as handle:
                 json.dump(info, handle)
             os.replace(f"{marker}.tmp", marker)
