@@ -6,6 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch/torchvision pinned to the pair the Qwen3.5 processor needs (torchvision for its video processor)
 TORCH := torch==2.14.1 torchvision==0.29.1
+# headless Chromium and its WebDriver, Debian's packages, for tests/service/test_browser.py
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: demo test setup smollm2 clean
 
@@ -18,6 +21,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
+$(BROWSER):
+	@if command -v apt-get >/dev/null; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    --no-install-recommends chromium chromium-driver >/dev/null \
+	  || echo "warning: could not install chromium and chromium-driver; the browser test will be skipped"; \
+	else echo "warning: no apt-get: install Chromium and chromedriver for tests/service/test_browser.py"; fi
+
 setup: $(VENV)/.installed
 
 demo: setup
@@ -27,7 +37,7 @@ smollm2: setup
 	$(BIN)/quantdag fetch-smollm2
 	$(BIN)/quantdag run smollm2-nvfp4
 
-test: setup
+test: setup $(BROWSER)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 clean:

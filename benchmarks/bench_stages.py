@@ -26,6 +26,7 @@ Every stage but ``flow`` imports the steps' plain functions without Prefect
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -339,9 +340,12 @@ def monolithic(spec: dict[str, Any]) -> dict[str, Any]:
 def flow(spec: dict[str, Any], gpus: int = 1) -> dict[str, Any]:
     """One run of the quantize flow; the driver's environment points it at its Prefect server.
 
-    ``gpus`` > 1: ``calibration_gpus`` = ``gpus`` (each branch a task of its own, one GPU each);
-    the driver sets ``CUDA_VISIBLE_DEVICES`` to that many GPUs and this creates their Prefect
-    limits ``gpu-<i>``.
+    ``gpus`` > 1: ``calibration_gpus`` = ``gpus`` with each branch in ``gpus`` shards (one call per
+    GPU, each with a share of both branches; the workers preload while the reference runs); the
+    driver sets ``CUDA_VISIBLE_DEVICES`` to that many GPUs and this creates their Prefect limits
+    ``gpu-<i>``. On CUDA, every GPU's utilisation and memory are sampled through the run
+    (``benchmarks.gpu_sampler``): ``gpu_samples`` and, per GPU over the calibration stage,
+    ``calibration_gpu_utilisation``.
     """
     start = time.perf_counter()
     from benchmarks import bench_trace
@@ -353,17 +357,31 @@ def flow(spec: dict[str, Any], gpus: int = 1) -> dict[str, Any]:
     bench_trace.install(str(trace))
     profile = _profile(spec)
     if gpus > 1:
-        profile = profile.model_copy(update={"calibration_gpus": gpus})
+        profile = profile.model_copy(update={
+            "calibration_gpus": gpus, "text": profile.text.model_copy(update={"shards": gpus}),
+            "image_text": profile.image_text.model_copy(update={"shards": gpus}) if profile.image_text else None})
         ensure_gpu_limits(os.environ["CUDA_VISIBLE_DEVICES"])
     runner = quantize.task_runner
     traced_flow = quantize.with_options(task_runner=runner)
     first = len(bench_trace.read(trace))
-    started_at, start = time.time(), time.perf_counter()
-    state = traced_flow(profile, return_state=True)
-    wall = time.perf_counter() - start
+    from benchmarks.gpu_sampler import GpuSampler, utilisation
+
+    sampler = GpuSampler() if spec["device"] == "cuda" else contextlib.nullcontext()
+    with sampler:
+        started_at, start = time.time(), time.perf_counter()
+        state = traced_flow(profile, return_state=True)
+        wall = time.perf_counter() - start
     result = state.result()
     tracking = _profile(spec).tracking_uri
+    task_runs = _task_runs(str(state.state_details.flow_run_id))
+    calibrating = [r for r in task_runs if r["task"].startswith("calibrate") and r["start"] and r["end"]]
+    samples = getattr(sampler, "samples", [])
     return {
+        "gpus": gpus,
+        "gpu_sampler": getattr(sampler, "source", "none (device is not cuda)"),
+        "gpu_samples": samples,
+        "calibration_gpu_utilisation": utilisation(samples, min(r["start"] for r in calibrating),
+                                                   max(r["end"] for r in calibrating)) if calibrating else {},
         "imports_seconds": imports,
         "started_at": started_at,
         "wall_seconds": wall,
@@ -371,7 +389,7 @@ def flow(spec: dict[str, Any], gpus: int = 1) -> dict[str, Any]:
         "cached": result["cached"],
         "checkpoint": result["checkpoint"],
         "mlflow_run_id": result["mlflow_run_id"],
-        "task_runs": _task_runs(str(state.state_details.flow_run_id)),
+        "task_runs": task_runs,
         "trace": bench_trace.read(trace)[first:],
         "mlflow_tags": _mlflow_tags(tracking, result["mlflow_run_id"]),
         "placement": profile.placement.model_dump(),

@@ -22,6 +22,9 @@
 #   budget      stage flow_budget: the cold flow with placement.memory_budget_gib=BENCH_BUDGET_GIB on
 #               a fresh store, BENCH_BUDGET_IMAGE_TEXT_ROWS + BENCH_BUDGET_TEXT_ROWS calibration rows
 #               (the cold flow's checkpoint is deleted first: the disk holds one export at a time).
+#   2gpu        stage flow_2gpu (a machine with 2 GPUs): the cold flow on a store of its own with
+#               calibration_gpus: 2 and each branch in 2 shards; the calibration stage's speedup over
+#               flow_cold's and each GPU's utilisation (nvidia-smi samples). Run after flow.
 #   report      the combined report of every part so far (runs nothing).
 #
 # Every part merges its results into $BENCH_WORKDIR/bench.json and copies back to OUT_DIR (at most
@@ -38,7 +41,7 @@
 # (16 / 16), BENCH_WARMUP_LAYERS (4; 0 skips the warmup), BENCH_FLOOR_WRITE_GB (4), BENCH_DEVICE
 # (cuda), BENCH_TINY (1: the demo's tiny model, for a CPU smoke test), BENCH_DEADLINE, PYTHON (python3).
 set -euo pipefail
-OUT=${1:?usage: bash benchmarks/gpu_64.sh OUT_DIR PART[+PART...]   (build, monolithic, flow, budget, report)}
+OUT=${1:?usage: bash benchmarks/gpu_64.sh OUT_DIR PART[+PART...]   (build, monolithic, flow, budget, 2gpu, report)}
 PARTS=${2:?usage: bash benchmarks/gpu_64.sh OUT_DIR PART[+PART...]}
 PY=${PYTHON:-python3}
 LAYERS=${BENCH_LAYERS:-64}
@@ -156,11 +159,12 @@ for part in "${TODO[@]}"; do
       run_driver "$stages" || status=$? ;;
     flow) run_driver flow_cold,flow_cached || status=$? ;;
     budget) run_driver flow_budget || status=$? ;;
+    2gpu) run_driver flow_2gpu || status=$? ;;
     report)
       stamp "report"
       "${DRIVER[@]}" --report-only > "$WORK/logs/report.log" 2>&1 || status=$?
       [ -f "$WORK/report.txt" ] && cat "$WORK/report.txt" ;;
-    *) echo "unknown part '$part' (build, monolithic, flow, budget, report)"; exit 2 ;;
+    *) echo "unknown part '$part' (build, monolithic, flow, budget, 2gpu, report)"; exit 2 ;;
   esac
 done
 exit $status

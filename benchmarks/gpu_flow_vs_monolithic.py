@@ -28,9 +28,11 @@ artifacts on local disk, then runs, each in a process of its own (``benchmarks.b
    ``flow_budget``: the cold flow with ``placement.memory_budget_gib = --budget-gib`` on a fresh
    artifact store of its own (``artifacts-budget``; ``--budget-image-text-rows`` /
    ``--budget-text-rows`` calibration rows), every step's peak GPU memory against the budget;
-5. ``flow_2gpu`` (on a machine with 2 GPUs): ``calibration_gpus: 2``, the two branches as two tasks
-   in two worker processes, one GPU each; the calibration stage's wall time against the cold
-   run's (one GPU, both branches on one model load);
+5. ``flow_2gpu`` (on a machine with 2 GPUs): the cold flow on a fresh store of its own
+   (``artifacts-2gpu``) with ``calibration_gpus: 2`` and each branch in 2 shards: one call per GPU
+   (the first in the flow's process on the reference's model, the other in a worker bound to GPU 1
+   that preloaded the base while the reference ran); the calibration stage's wall time against the
+   cold run's (one GPU, both branches on one model load), and each GPU's utilisation over it;
 6. ``agreement``: the cold run's exported files against ModelOpt's in-memory model
    (``benchmarks.file_vs_fakequant``).
 
@@ -76,7 +78,7 @@ STAGE_ORDER = ("warmup", "floor", "calibration", "monolithic", "flow_cold", "flo
                "agreement")
 COLD = {"monolithic": ("monolithic", "stage-store"), "flow_cold": ("artifacts", "prefect-home", "mlruns", "mlflow.db",
                                                                    "trace.jsonl"),
-        "flow_budget": ("artifacts-budget", "trace-budget.jsonl")}
+        "flow_budget": ("artifacts-budget", "trace-budget.jsonl"), "flow_2gpu": ("artifacts-2gpu", "trace-2gpu.jsonl")}
 """What each stage removes before it runs (relative to the workdir), so that it starts cold."""
 
 
@@ -374,6 +376,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         specs["flow_budget"] = workdir / "spec-budget.json"
         specs["flow_budget"].write_text(json.dumps({**spec, "profile": json.loads(budget.model_dump_json(exclude_defaults=True)),
                                                     "trace": str(workdir / "trace-budget.jsonl")}, indent=1))
+    if "flow_2gpu" in stages:  # cold as well: a store of its own, so fetch and the reference run (and preloads start)
+        two = make_profile(workdir, paths, args, store="artifacts-2gpu")
+        specs["flow_2gpu"] = workdir / "spec-2gpu.json"
+        specs["flow_2gpu"].write_text(json.dumps({**spec, "profile": json.loads(two.model_dump_json(exclude_defaults=True)),
+                                                  "trace": str(workdir / "trace-2gpu.jsonl")}, indent=1))
     results = {} if args.fresh else load_results([args.out])
     invocation = {"stages": stages, "inputs_seconds": prepared, "model_built": built, "started": time.time()}
     results["invocations"] = [*results.get("invocations", []), invocation]

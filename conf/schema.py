@@ -13,25 +13,9 @@ from typing import Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from conf.base import FrozenModel
+from conf.recipe import MODULE_GROUPS, REFERENCE_EXCLUDE_MODULES, GroupFormats, RecipeSpec  # noqa: F401 - re-exported
 
 SCHEMA_VERSION = 1
-
-# Modules kept in BF16 by the reference Qwen3.6-27B NVFP4 recipe (model card of the public
-# release; NVIDIA Model Optimizer 0.47 ``_default_disabled_quantizer_cfg``). fnmatch patterns over
-# module names as they appear in the exported checkpoint (``hf_quant_config.json``
-# ``exclude_modules``).
-REFERENCE_EXCLUDE_MODULES: tuple[str, ...] = (
-    "lm_head",
-    "model.visual*",
-    "model.language_model.embed_tokens",
-    "*linear_attn.conv1d*",
-    "*linear_attn.in_proj_a*",
-    "*linear_attn.in_proj_b*",
-    "mtp.*",
-    "*mlp.gate",
-    "*shared_expert_gate*",
-    "*router*",
-)
 
 
 class BaseModelSpec(FrozenModel):
@@ -64,28 +48,6 @@ class BaseModelSpec(FrozenModel):
         if self.gguf_file and not self.local_dir:
             raise ValueError("base.gguf_file needs base.local_dir (the directory holding the file)")
         return self
-
-
-class RecipeSpec(FrozenModel):
-    """The quantization recipe: NVFP4 W4A4 on the language model, FP8 KV cache."""
-
-    weights: Literal["nvfp4"] = "nvfp4"
-    activations: Literal["nvfp4"] = "nvfp4"
-    group_size: Literal[16] = Field(16, description="elements per E4M3 block scale (NVFP4 spec: 16)")
-    kv_cache: Literal["fp8_cast", "none"] = Field(
-        "fp8_cast", description="fp8_cast: FP8 E4M3 KV cache with constant amax 448, no K/V calibration"
-    )
-    exclude_modules: tuple[str, ...] = Field(
-        REFERENCE_EXCLUDE_MODULES, description="fnmatch patterns of modules kept in BF16"
-    )
-
-    @field_validator("exclude_modules")
-    @classmethod
-    def _patterns_non_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [p for p in value if not p or p != p.strip()]
-        if bad:
-            raise ValueError(f"recipe.exclude_modules has empty or padded patterns: {bad!r}")
-        return value
 
 
 class ImageTextSource(FrozenModel):
@@ -169,9 +131,25 @@ class PlacementSpec(FrozenModel):
         "GPUs one model step may spread its layers over, from the GPU it holds on (visible ordinals)"))
 
 
+
+class CalibrationPoolSpec(FrozenModel):
+    """Calibration shards as flow runs of a ``calibrate-shard`` deployment on a work pool (any host, one GPU each).
+
+    Each calibration call (a branch, or a shard of one) becomes a flow run; its worker writes a
+    heartbeat lease and, when done, the shard's record to the artifact store, the only place its
+    quantizer state travels through. A run whose heartbeat stops (killed worker, lost node) is
+    marked Crashed and submitted again, on whichever worker takes it.
+    """
+
+    deployment: str = Field("calibrate-shard/calibrate-shard", description=(
+        "'<flow name>/<deployment name>' of the calibrate-shard deployment (prefect.yaml: calibrate-shard)"))
+    lease_seconds: float = Field(120.0, ge=2, le=3600, description=(
+        "a running shard renews its heartbeat every quarter of this; silent this long, it counts as dead"))
+    start_timeout_seconds: float = Field(900.0, gt=0, le=86400, description=(
+        "seconds a shard run taken by a worker may spend starting (process, imports) before its first heartbeat"))
+    max_attempts: int = Field(3, ge=1, le=20, description="flow runs tried per shard before the flow fails")
+
 _NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
-
-
 # scheme://<userinfo>@ : the user information of a URL's authority (user, user:password, token)
 _URL_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/?#@\s]+@", re.IGNORECASE)
 _CREDENTIAL_FIX = {
@@ -227,6 +205,9 @@ class Profile(FrozenModel):
         "model load when no branch is sharded, shards one after another. N > 1: each branch (or shard) is a task "
         "of its own in a pool of N worker processes, one GPU each (Prefect limits gpu-<i> of the visible GPUs), "
         "each loading the model"))
+    calibration_pool: CalibrationPoolSpec | None = Field(None, description=(
+        "null: calibrate on this host (calibration_gpus). Set: every calibration shard is a flow run of the "
+        "calibrate-shard deployment on its work pool, one GPU each, on any host"))
 
     @model_validator(mode="before")
     @classmethod
@@ -235,6 +216,15 @@ class Profile(FrozenModel):
         if found:
             raise ValueError("; ".join(_credential_message(field, masked) for field, masked in found))
         return data
+
+    @model_validator(mode="after")
+    def _one_calibration_layout(self) -> Profile:
+        if self.calibration_pool is not None and self.calibration_gpus > 1:
+            raise ValueError(
+                f"calibration_pool and calibration_gpus {self.calibration_gpus} both ask for parallel calibration: "
+                "with calibration_pool every shard runs on a GPU of the pool's workers; set calibration_gpus: 1 "
+                "(or calibration_pool: null to calibrate on this host's GPUs)")
+        return self
 
     @field_validator("name")
     @classmethod

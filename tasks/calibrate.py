@@ -47,12 +47,14 @@ from quantdag.runtime.measure import step_meter
 from quantdag.runtime.prefect_task import quantdag_task
 from quantdag.runtime.progress import Progress
 from quantdag.runtime.store import ArtifactRef, ArtifactStore
+from tasks.calibration_split import (Shard, Shards, Unit, branch_label, calibration_calls, call_labels,  # noqa: F401
+                                     check_call, shard_units)
 from tasks.fetch import read_rows
 
 STATE_KIND = "quantizer-state"
 
-Shard = tuple[int, int]
-"""``(shard, num_shards)``: a branch calibrates on its rows ``shard::num_shards``."""
+PRELOAD_NOTE = "preload_seconds"
+"""Note of a model that ``tasks.preload`` kept (:func:`quantdag.model.warm.keep`): its load's seconds."""
 
 VISION_STATS = ("image_tokens", "vision_forward_calls", "vision_embeddings")
 """Statistics only the image-text loop fills."""
@@ -204,53 +206,16 @@ CALIBRATORS: dict[str, Callable[..., ForwardLoop]] = {
 """Branch kind -> loop builder ``(base, rows_dir, rows, source, device, stats) -> ForwardLoop``."""
 
 
-def branch_label(kind: str, shard: int = 0, num_shards: int = 1) -> str:
-    """The label of a branch's state: ``kind``, or ``kind[shard]`` when the branch has several shards.
-
-    Merge labels its inputs with it (metric ``set_by_text.1`` for ``text[1]``) and the flow logs
-    each state as the MLflow child run ``calibrate_<label>``.
-    """
-    return kind if num_shards == 1 else f"{kind}[{shard}]"
-
-
-def calibration_calls(num_shards: dict[str, int], gpus: int) -> list[dict[str, Shard]]:
-    """How calibration splits into calls of :func:`calibrate`, each a task that loads the model once.
-
-    Args:
-        num_shards: branch kind -> its number of shards (``source.shards``), in branch order.
-        gpus: ``calibration_gpus``, how many calls may run at once.
-
-    Returns:
-        The ``shards`` argument of each call: every branch in ONE call when ``gpus`` is 1 and no
-        branch is sharded (one model load for all), otherwise one call per branch shard.
-    """
-    if gpus == 1 and all(count == 1 for count in num_shards.values()):
-        return [{kind: (0, 1) for kind in num_shards}]
-    return [{kind: (shard, count)} for kind, count in num_shards.items() for shard in range(count)]
-
-
-def _check_call(rows: dict[str, ArtifactRef], sources: dict[str, Any], shards: dict[str, Shard]) -> None:
-    """Raise ValueError naming every unknown kind, missing source and bad shard of one call."""
-    problems = [] if rows else ["no branch to calibrate"]
-    problems += [f"unknown calibration kind {kind!r} (kinds: {sorted(CALIBRATORS)})" for kind in rows if kind not in CALIBRATORS]
-    problems += [f"branch {kind!r} has rows but no source" for kind in rows if kind not in sources]
-    problems += [f"shards given for {kind!r}, which has no rows" for kind in shards if kind not in rows]
-    problems += [f"{kind}: shard {shard} is outside range(num_shards={count})"
-                 for kind, (shard, count) in shards.items() if not 0 <= shard < count]
-    if problems:
-        raise ValueError("calibrate: " + "; ".join(problems))
-
-
 def calibrate(base: BaseRef, rows: dict[str, ArtifactRef], recipe: RecipeSpec,
               sources: dict[str, ImageTextSource | TextSource], store: ArtifactStore, device: str = "auto",
-              shards: dict[str, Shard] | None = None, fast: bool = True,
+              shards: dict[str, Shards] | None = None, fast: bool = True,
               placement: PlacementSpec = PlacementSpec()) -> dict[str, ArtifactRef]:
-    """Calibrate every branch in ``rows`` on one load of the base; store one quantizer state each.
+    """Calibrate every branch (or branch shard) of the call on one load of the base; store one state each.
 
     The base is the model this process kept from its previous model step
-    (:mod:`quantdag.model.warm`: the BF16 reference's, or an earlier calibration's with the same
-    recipe), else it is loaded, placed within the memory budget (:mod:`quantdag.model.placement`).
-    The calibrated model is kept for export.
+    (:mod:`quantdag.model.warm`: the BF16 reference's, one loaded ahead by ``tasks.preload``, or
+    an earlier calibration's with the same recipe), else it is loaded, placed within the memory
+    budget (:mod:`quantdag.model.placement`). The calibrated model is kept for export.
 
     Args:
         base: the resolved base checkpoint.
@@ -261,8 +226,10 @@ def calibrate(base: BaseRef, rows: dict[str, ArtifactRef], recipe: RecipeSpec,
         store: where the states go.
         device: ``auto``, ``cpu`` or ``cuda``.
         shards: branch kind -> ``(shard, num_shards)``: calibrate on that branch's rows
-            ``shard::num_shards`` only (default ``(0, 1)``, every row). The max-merge of all
-            shards' states equals one pass over every row, bit for bit (each row runs alone).
+            ``shard::num_shards`` only (default ``(0, 1)``, every row); or a list of them, each
+            calibrated from a clean slate on the same load (``tasks.calibration_split``). The
+            max-merge of all shards' states equals one pass over every row, bit for bit (each
+            row runs alone).
         fast: run the loops under :func:`quantdag.calibration.fast_max.fast_max_loop` (same
             amax, fewer kernels).
         placement: the profile's placement (memory budget per device); amax do not depend on it.
@@ -272,56 +239,59 @@ def calibrate(base: BaseRef, rows: dict[str, ArtifactRef], recipe: RecipeSpec,
         (``quantizer_state.pt`` + ``metrics.json``). Its ``meta`` holds ``kind``, ``shard``,
         ``num_shards``, the placement and the metrics: rows, tokens, seconds (``load_seconds``, 0
         for every branch but the first; ``calibrate_seconds``), tokens_per_second, ``model_loads``
-        (1 for the first branch when this call read the base, else 0), ``shared_branches``
-        (branches on this load), ``peak_gpu_bytes`` / ``peak_rss_bytes`` of the call, amax
+        (1 for the first branch when this call, or the preload before it, read the base, else 0),
+        ``preloaded`` (1 when the base was loaded ahead of the call), ``shared_branches``
+        (states on this load), ``peak_gpu_bytes`` / ``peak_rss_bytes`` of the call, amax
         statistics, and for image_text the vision-tower counts.
 
     Raises:
         ValueError: no branch, an unknown kind, a kind without its source, shards for a kind
-            without rows, a shard outside ``range(num_shards)`` (all of them named in one
-            message), a shard with no rows, or an enabled input quantizer without a usable amax
+            without rows, a shard outside ``range(num_shards)`` or listed twice (all of them named
+            in one message), a shard with no rows, or an enabled input quantizer without a usable amax
             (each module named).
         RuntimeError: the image-text branch did not run the vision tower.
     """
-    shards = {kind: tuple(shard) for kind, shard in (shards or {}).items()}
-    _check_call(rows, sources, shards)
-    shards = {kind: shards.get(kind, (0, 1)) for kind in rows}
+    shards = dict(shards or {})
+    check_call(rows, sources, shards, CALIBRATORS)
     torch_device = devices.pick_device(device)
-    stats: dict[str, dict[str, float]] = {}
-    loops: dict[str, ForwardLoop] = {}
-    for kind, ref in rows.items():
-        shard, count = shards[kind]
-        rows_dir, kind_rows = read_rows(store, ref)
-        kind_rows = kind_rows[shard::count]
+    stats: dict[Unit, dict[str, float]] = {}
+    loops: dict[Unit, ForwardLoop] = {}
+    read = {kind: read_rows(store, ref) for kind, ref in rows.items()}
+    for unit in shard_units(rows, shards):
+        kind, shard, count = unit
+        rows_dir, kind_rows = read[kind][0], read[kind][1][shard::count]
         if not kind_rows:
             raise ValueError(f"{kind} shard {shard} of {count} has no rows: lower {kind}.shards below num_samples")
-        stats[kind] = empty_stats()
-        loop = CALIBRATORS[kind](base, rows_dir, kind_rows, sources[kind], torch_device, stats[kind])
-        loops[kind] = fast_max_loop(loop) if fast else loop
+        stats[unit] = empty_stats()
+        loop = CALIBRATORS[kind](base, rows_dir, kind_rows, sources[kind], torch_device, stats[unit])
+        loops[unit] = fast_max_loop(loop) if fast else loop
     with step_meter() as meter:
         held = _base_for(recipe, base, torch_device, placement)
         import modelopt.torch.quantization as mtq
 
         config, model, refs, where = build_quant_config(recipe), held.model, {}, placement_record(held.placement)
-        for index, (kind, loop) in enumerate(loops.items()):
+        preload_seconds = held.note.get(PRELOAD_NOTE)  # loaded ahead by tasks.preload: this call's load
+        load_seconds = held.load_seconds if preload_seconds is None else float(preload_seconds)
+        for index, ((kind, shard, count), loop) in enumerate(loops.items()):
             start = time.perf_counter()
             if index == 0 and held.stage == "bf16":
                 model = mtq.quantize(model, config, forward_loop=loop)
-            else:  # a later branch, or quantizers already inserted by an earlier call of this process
+            else:  # a later unit, or quantizers already inserted by an earlier call of this process
                 reset_calibration(model)
                 recalibrate(model, config["algorithm"], loop)
             seconds = time.perf_counter() - start
+            unit_stats = stats[(kind, shard, count)]
             if kind == "image_text":
-                check_vision(stats[kind])
-            shard, count = shards[kind]
+                check_vision(unit_stats)
             label = branch_label(kind, shard, count)
-            state = collect_state(model)  # stored now: the next branch's reset changes what it refers to
+            state = collect_state(model)  # stored now: the next unit's reset changes what it refers to
             require_valid_inputs(state, where=f"calibrate_{label}")
             first = index == 0
-            metrics = {**stats[kind], **meter.record(), "load_seconds": held.load_seconds if first else 0.0,
-                       "model_loads": 1.0 if first and held.loaded else 0.0, "shared_branches": float(len(loops)),
-                       "calibrate_seconds": seconds,
-                       "tokens_per_second": stats[kind]["tokens"] / seconds if seconds else 0.0, **amax_summary(state)}
+            metrics = {**unit_stats, **meter.record(), "load_seconds": load_seconds if first else 0.0,
+                       "model_loads": 1.0 if first and (held.loaded or preload_seconds is not None) else 0.0,
+                       "preloaded": 1.0 if first and preload_seconds is not None else 0.0,
+                       "shared_branches": float(len(loops)), "calibrate_seconds": seconds,
+                       "tokens_per_second": unit_stats["tokens"] / seconds if seconds else 0.0, **amax_summary(state)}
             if kind != "image_text":
                 for key in VISION_STATS:
                     metrics.pop(key)
@@ -351,16 +321,16 @@ def _store_state(state: dict[str, Any], metrics: dict[str, float], store: Artifa
 
 
 def run_name(parameters: dict[str, Any]) -> str:
-    """Task-run name of a call: ``calibrate_`` + its branch labels joined by ``+``
-    (``calibrate_image_text+text`` for one load of both, ``calibrate_text[1]`` for one shard)."""
-    shards = parameters.get("shards") or {}
-    return "calibrate_" + "+".join(branch_label(kind, *shards.get(kind, (0, 1))) for kind in parameters["rows"])
+    """Task-run name of a call: ``calibrate_`` + its state labels joined by ``+``
+    (``calibrate_image_text+text`` for one load of both, ``calibrate_text[1]`` for one shard,
+    ``calibrate_image_text[0]+text[0]`` for the shards one GPU of a pool calibrates)."""
+    return "calibrate_" + "+".join(call_labels(parameters["rows"], parameters.get("shards")))
 
 
 @quantdag_task("calibrate", model_step=True, task_run_name=run_name)
 def calibrate_task(base: BaseRef, rows: dict[str, ArtifactRef], recipe: RecipeSpec,
                    sources: dict[str, ImageTextSource | TextSource], artifact_store: str, device: str,
-                   code_version: str, shards: dict[str, Shard] | None = None,
+                   code_version: str, shards: dict[str, Shards] | None = None,
                    placement: PlacementSpec = PlacementSpec()) -> dict[str, ArtifactRef]:
     """Prefect wrapper of :func:`calibrate` (one model load for every branch of the call; ``placement``
     is not part of the cache key)."""

@@ -9,11 +9,19 @@ so those tensors are read from the base's safetensors and written unchanged thro
 ``extra_state_dict``, and ``mtp.*`` is added to ``exclude_modules``. Tokenizer, processor, chat
 template and generation config are copied from the base.
 
+A recipe with several formats (``conf.recipe``: e.g. NVFP4 MLP, FP8 attention) exports as
+``quant_algo`` ``MIXED_PRECISION`` with each layer's format under ``quantized_layers``; ModelOpt
+0.47 then writes no ``exclude_modules`` at all (its ``process_layer_quant_config`` drops them),
+so :func:`declare_unquantized` adds them, summarised the way ModelOpt summarises a single-format
+export, to ``hf_quant_config.json`` and ``config.json`` (``ignore``). Single-format exports are
+left as ModelOpt wrote them.
+
 Export mutates the in-memory model (weights become packed uint8): the model is dropped after it.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import shutil
 import time
@@ -35,6 +43,7 @@ from quantdag.runtime.store import ArtifactRef, ArtifactStore
 from quantdag.runtime.prefect_task import quantdag_task
 
 CHECKPOINT_KIND = "checkpoint"
+MIXED = "MIXED_PRECISION"
 MTP_PREFIX = "mtp."
 _SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -130,6 +139,8 @@ def export_checkpoint(base: BaseRef, state_ref: ArtifactRef, recipe: RecipeSpec,
             if not quant_file.is_file():
                 raise RuntimeError("export wrote no hf_quant_config.json: no quantizer was enabled in the state")
             quant = json.loads(quant_file.read_text())["quantization"]
+            if quant.get("quant_algo") == MIXED:
+                quant = declare_unquantized(out)
             side = copy_side_files(base, out)
             bar.update()
             meta = {
@@ -147,11 +158,44 @@ def export_checkpoint(base: BaseRef, state_ref: ArtifactRef, recipe: RecipeSpec,
                 "group_size": quant.get("group_size"),
                 "exclude_modules": quant.get("exclude_modules", []),
                 "kv_cache": recipe.kv_cache,
+                "recipe": recipe.name,
+                "recipe_spec": recipe.model_dump(mode="json"),
                 "base_repo": base.repo_id,
                 "base_revision_sha": base.revision_sha,
                 "base_fingerprint": base.fingerprint,
             }
             return store.put_dir(out, CHECKPOINT_KIND, meta, move=True)
+
+
+def declare_unquantized(export_dir: Path) -> dict:
+    """Write ``exclude_modules`` into a ``MIXED_PRECISION`` export; returns the new ``quantization`` section.
+
+    The unquantized modules are those with a weight of two or more dimensions (linears,
+    embeddings, convolutions) that ``quantized_layers`` does not list; they are summarised into
+    prefix wildcards with ModelOpt's own rule (``_prefix_wildcard_summarize_exclude_modules``, never
+    matching a quantized layer) apart from those the export already lists (``mtp.*``), and written
+    to ``hf_quant_config.json`` ``exclude_modules`` and ``config.json`` ``quantization_config.ignore``.
+
+    Raises:
+        CheckpointFileError: a file of the export is missing or malformed.
+    """
+    from modelopt.torch.export.quant_utils import _prefix_wildcard_summarize_exclude_modules
+
+    checkpoint = Checkpoint(export_dir)
+    config_file, quant_file = export_dir / "config.json", export_dir / "hf_quant_config.json"
+    quant_config = json.loads(quant_file.read_text())
+    section = quant_config["quantization"]
+    quantized = set(section.get("quantized_layers") or {})
+    listed = set(section.get("exclude_modules") or [])
+    unquantized = sorted(module for module, params in checkpoint.modules.items()
+                         if module not in quantized and "weight" in params and len(params["weight"].shape) >= 2
+                         and not any(fnmatch.fnmatchcase(module, pattern) for pattern in listed))
+    section["exclude_modules"] = sorted(listed | _prefix_wildcard_summarize_exclude_modules(unquantized, quantized))
+    quant_file.write_text(json.dumps(quant_config, indent=4))
+    config = json.loads(config_file.read_text())
+    config["quantization_config"]["ignore"] = list(section["exclude_modules"])
+    config_file.write_text(json.dumps(config, indent=4))
+    return section
 
 
 def _quantized_model(base: BaseRef, state: dict, recipe: RecipeSpec, device: torch.device,

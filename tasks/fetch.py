@@ -252,6 +252,14 @@ def fetch_image_text_task(source: ImageTextSource, artifact_store: str, code_ver
     return fetch_image_text(source, ArtifactStore(artifact_store), exclude)
 
 
+@quantdag_task("fetch_image_text_heldout", retries=2, content_key=source_key)
+def fetch_image_text_heldout_task(source: ImageTextSource, artifact_store: str, code_version: str,
+                                  exclude: ArtifactRef | None = None) -> ArtifactRef:
+    """The fetch of held-out evaluation rows (never a calibration row: ``exclude`` is the calibration
+    sample): :func:`fetch_image_text` under its own name in the Prefect UI."""
+    return fetch_image_text(source, ArtifactStore(artifact_store), exclude)
+
+
 @quantdag_task("fetch_text", retries=2, content_key=source_key)
 def fetch_text_task(source: TextSource, artifact_store: str, code_version: str) -> ArtifactRef:
     """Prefect wrapper of :func:`fetch_text` (cached on what the source holds, its settings, the

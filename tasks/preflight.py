@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -12,6 +10,11 @@ from quantdag.runtime.preflight import preflight
 
 
 @task(name="preflight", cache_policy=NO_CACHE, retries=0, persist_result=False)
-def preflight_task(profile: Profile) -> dict[str, Any]:
-    """Prefect wrapper of :func:`quantdag.runtime.preflight.preflight` (never cached, never retried)."""
-    return preflight(profile)
+def preflight_task(profile: Profile) -> str:
+    """Prefect wrapper of :func:`quantdag.runtime.preflight.preflight` (never cached, never retried).
+
+    Returns what was checked as one new string, not the checked values themselves: Prefect links a
+    task's result (and its items) to later tasks that receive the same objects, and the profile's
+    strings (the artifact store) go to every step, which drew an edge from preflight to each of them.
+    """
+    return "checked " + ", ".join(f"{key} {value}" for key, value in preflight(profile).items())

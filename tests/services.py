@@ -80,7 +80,7 @@ def start_prefect(log_dir: Path, home: Path) -> Service:
         "PREFECT_HOME": str(home),
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "true",  # tests/service/test_browser.py opens its run pages
         "PREFECT_API_URL": f"{url}/api",
     }
     return start("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -97,19 +97,21 @@ def start_mlflow(log_dir: Path, home: Path, artifacts_destination: str, s3_endpo
 
 
 def start_worker(log_dir: Path, pool: str, name: str, env: dict[str, str] | None = None,
-                 timeout: float = 60.0) -> Service:
+                 timeout: float = 60.0, limit: int | None = None, cwd: Path | None = None) -> Service:
     """Start ``prefect worker start --pool POOL --type process`` in its own process group.
 
     Ready when the worker has registered with the API (its log says it started). ``env`` is added
     to this process's environment (``PREFECT_API_URL`` must be in one of them). Flow runs it
     starts live in sessions of their own (Prefect isolates them), so stopping the worker's group
-    does not stop them.
+    does not stop them. ``limit``: flow runs it runs at once (``--limit``); ``cwd``: its working
+    directory (and its flow runs').
     """
     log = log_dir / f"worker-{name}.log"
     handle = open(log, "w")
     argv = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name]
+    argv += ["--limit", str(limit)] if limit is not None else []
     process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                               start_new_session=True)
+                               start_new_session=True, cwd=cwd)
     service = Service(f"worker-{name}", "", process, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -7,7 +7,11 @@ A state file (``quantizer_state.pt``, written with ``torch.save``) holds:
 - ``amax``: ``{quantizer name: float32 tensor}`` for every quantizer holding an ``_amax`` buffer
   (weight quantizers: per-tensor max |w|; input quantizers: calibrated activation max);
 - ``input_quantizers``: names of the ENABLED input quantizers that need a calibrated amax (those
-  with a constant amax, such as the fp8_cast K/V quantizers, are left out).
+  with a constant amax, such as the fp8_cast K/V quantizers, are left out);
+- ``global_amax`` (only when the model has static-block NVFP4 weight quantizers, the result of a
+  weight-scale search): ``{quantizer name: float32 scalar}``, the per-tensor amax that the
+  searched per-block amax are relative to. ``restore_from_modelopt_state`` leaves it
+  uninitialised, so it travels with the state.
 
 ``restore_from_modelopt_state`` creates no amax buffers (ModelOpt 0.47): :func:`apply_state` sets
 them afterwards. The max calibrator keeps its running max in Python, so cross-process merging is
@@ -43,11 +47,15 @@ def collect_state(model: torch.nn.Module) -> dict[str, Any]:
     import modelopt.torch.opt as mto
 
     amax: dict[str, torch.Tensor] = {}
+    global_amax: dict[str, torch.Tensor] = {}
     inputs: list[str] = []
     for name, quantizer in _quantizers(model).items():
         value = getattr(quantizer, "_amax", None)
         if value is not None:
             amax[name] = value.detach().to("cpu", torch.float32).clone()
+        value = getattr(quantizer, "_global_amax", None)
+        if value is not None:
+            global_amax[name] = value.detach().to("cpu", torch.float32).clone()
         if (
             name.endswith("input_quantizer")
             and quantizer.is_enabled
@@ -55,7 +63,8 @@ def collect_state(model: torch.nn.Module) -> dict[str, Any]:
             and getattr(quantizer, "_constant_amax", None) is None
         ):
             inputs.append(name)
-    return {"modelopt_state": mto.modelopt_state(model), "amax": amax, "input_quantizers": sorted(inputs)}
+    state = {"modelopt_state": mto.modelopt_state(model), "amax": amax, "input_quantizers": sorted(inputs)}
+    return {**state, "global_amax": global_amax} if global_amax else state
 
 
 def bad_input_amax(state: dict[str, Any]) -> dict[str, str]:
@@ -135,12 +144,14 @@ def load_amax(model: torch.nn.Module, state: dict[str, Any]) -> torch.nn.Module:
         ValueError: a quantizer named in the state does not exist in the model.
     """
     quantizers = _quantizers(model)
-    unknown = sorted(set(state["amax"]) - set(quantizers))
+    unknown = sorted((set(state["amax"]) | set(state.get("global_amax", {}))) - set(quantizers))
     if unknown:
         raise ValueError(f"quantizer state names {len(unknown)} quantizers absent from the model: {unknown[:5]}")
     device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     for name, value in state["amax"].items():
         quantizers[name].amax = value.to(device)
+    for name, value in state.get("global_amax", {}).items():
+        quantizers[name].global_amax = value.to(device)
     return model
 
 

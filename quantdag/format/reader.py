@@ -3,8 +3,11 @@
 ModelOpt's own NVFP4 fake quantization needs CUDA, so on the CPU the project evaluates the
 exported FILES: :func:`load_nvfp4_model` builds the transformers model from the export's
 ``config.json``, dequantizes every NVFP4 linear layer into an :class:`NVFP4Linear` (which
-fake-quantizes its input at run time with the stored ``input_scale``), loads the excluded
-layers in high precision, and optionally fake-quantizes the FP8 KV cache. The format itself
+fake-quantizes its input at run time with the stored ``input_scale``; a ``W4A16_NVFP4`` layer
+has none and leaves its input as is), every FP8 linear into a
+:class:`quantdag.format.fp8.FP8Linear` (E4M3 input with a static per-tensor scale), loads the
+excluded layers in high precision, and optionally fake-quantizes the FP8 KV cache. A
+``MIXED_PRECISION`` export gives each layer its own format (``quantized_layers``). The format itself
 lives in :mod:`quantdag.format.nvfp4`, the files are read through :mod:`quantdag.format.checkpoint`,
 their NVFP4 layout is checked by :mod:`quantdag.format.layout`, and the KV-cache emulation is
 :mod:`quantdag.format.fp8_kv`.
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantdag.format.checkpoint import Checkpoint
+from quantdag.format.fp8 import FP8Linear
 from quantdag.format.fp8_kv import enable_fp8_kv
 from quantdag.format.layout import (
     NVFP4_SUFFIXES,
@@ -44,19 +48,20 @@ class NVFP4Linear(nn.Linear):
 
     ``forward(x) = F.linear(fake_quantize_activation(x, input_scale), weight, bias)``, so the
     activations see the same dynamic per-16 E4M3 block scales and E2M1 rounding that NVFP4
-    W4A4 inference applies.
+    W4A4 inference applies; without ``input_scale`` (W4A16) ``x`` is used as it is.
 
     Attributes:
         weight: dequantized weight, ``[out, in]`` in the model dtype (not trainable).
         bias: optional ``[out]``.
-        input_scale: ``float32 []`` buffer, the exported ``input_scale`` (amax / (6 * 448)).
+        input_scale: ``float32 []`` buffer, the exported ``input_scale`` (amax / (6 * 448)), or
+            None for a weight-only (W4A16) layer.
         block_size: activation block size (16).
     """
 
     def __init__(
         self,
         weight: torch.Tensor,
-        input_scale: torch.Tensor,
+        input_scale: torch.Tensor | None,
         bias: torch.Tensor | None = None,
         block_size: int = BLOCK_SIZE,
     ) -> None:
@@ -64,7 +69,7 @@ class NVFP4Linear(nn.Linear):
 
         Args:
             weight: float ``[out, in]``, ``in`` a multiple of ``block_size``.
-            input_scale: float32 scalar, the exported activation scale.
+            input_scale: float32 scalar, the exported activation scale; None: activations unquantized.
             bias: float ``[out]`` or None.
             block_size: activation block size.
 
@@ -80,7 +85,7 @@ class NVFP4Linear(nn.Linear):
         self.weight = nn.Parameter(weight, requires_grad=False)
         if bias is not None:
             self.bias = nn.Parameter(bias.to(weight.dtype), requires_grad=False)
-        self.register_buffer("input_scale", input_scale.detach().float().reshape(()).clone())
+        self.register_buffer("input_scale", _scale_buffer(input_scale))
         self.block_size = block_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,11 +97,19 @@ class NVFP4Linear(nn.Linear):
         Returns:
             ``[..., out]`` in the weight's dtype.
         """
-        quantized = fake_quantize_activation(x, self.input_scale, self.block_size)
+        quantized = x if self.input_scale is None else fake_quantize_activation(x, self.input_scale, self.block_size)
         return F.linear(quantized.to(self.weight.dtype), self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, nvfp4 W4A4, input_scale={float(self.input_scale):.3e}"
+        return f"{super().extra_repr()}, {_describe(self.input_scale)}"
+
+
+def _scale_buffer(scale: torch.Tensor | None) -> torch.Tensor | None:
+    return None if scale is None else scale.detach().float().reshape(()).clone()
+
+
+def _describe(input_scale: torch.Tensor | None) -> str:
+    return "nvfp4 W4A16" if input_scale is None else f"nvfp4 W4A4, input_scale={float(input_scale):.3e}"
 
 
 class PackedNVFP4Linear(nn.Module):
@@ -113,7 +126,7 @@ class PackedNVFP4Linear(nn.Module):
     """
 
     def __init__(self, packed: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor,
-                 input_scale: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16,
+                 input_scale: torch.Tensor | None, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16,
                  block_size: int = BLOCK_SIZE) -> None:
         """Keep the packed tensors; ``dtype`` is the compute dtype of the dequantized weight.
 
@@ -126,19 +139,18 @@ class PackedNVFP4Linear(nn.Module):
         self.register_buffer("weight_packed", packed)
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("weight_scale_2", weight_scale_2.detach().float().reshape(()).clone())
-        self.register_buffer("input_scale", input_scale.detach().float().reshape(()).clone())
+        self.register_buffer("input_scale", _scale_buffer(input_scale))
         self.bias = nn.Parameter(bias.to(dtype), requires_grad=False) if bias is not None else None
         self.dtype, self.block_size = dtype, block_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., in]`` -> ``[..., out]`` in ``dtype``, as :meth:`NVFP4Linear.forward`."""
         weight = dequantize_weight(self.weight_packed, self.weight_scale, self.weight_scale_2, self.block_size)
-        quantized = fake_quantize_activation(x, self.input_scale, self.block_size)
+        quantized = x if self.input_scale is None else fake_quantize_activation(x, self.input_scale, self.block_size)
         return F.linear(quantized.to(self.dtype), weight.to(self.dtype), self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, nvfp4 W4A4 packed, "
-                f"input_scale={float(self.input_scale):.3e}")
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed {_describe(self.input_scale)}"
 
 
 @dataclass(frozen=True)
@@ -146,8 +158,10 @@ class LoadedNVFP4Model:
     """What :func:`load_nvfp4_model` returns.
 
     Attributes:
-        model: the transformers model in eval mode, quantized linears as :class:`NVFP4Linear`.
-        quant_algo: ``hf_quant_config.json`` ``quant_algo`` (``NVFP4``).
+        model: the transformers model in eval mode, quantized linears as :class:`NVFP4Linear`
+            (or :class:`PackedNVFP4Linear`) and :class:`quantdag.format.fp8.FP8Linear`.
+        quant_algo: ``hf_quant_config.json`` ``quant_algo`` (``NVFP4``, ``W4A16_NVFP4``, ``FP8``,
+            ``MIXED_PRECISION``).
         kv_cache_quant_algo: ``kv_cache_quant_algo`` from the same file (``FP8``) or None.
         kv_cache_fake_quant: True when K and V are fake-quantized to E4M3 at run time.
         quantized_modules: names of the modules loaded as :class:`NVFP4Linear`.
@@ -179,9 +193,10 @@ def load_nvfp4_model(
     The model class is ``config.json``'s ``architectures[0]`` (``quantization_config`` is dropped so
     transformers attaches no quantizer); it is built without random initialisation, then:
 
-    - every linear with ``weight_scale`` becomes an :class:`NVFP4Linear` holding
-      ``dequantize_weight(weight, weight_scale, weight_scale_2)`` in ``dtype`` and fake-quantizing
-      its input with ``input_scale``;
+    - every NVFP4 linear (``weight_scale`` and ``weight_scale_2``) becomes an :class:`NVFP4Linear`
+      holding ``dequantize_weight(weight, weight_scale, weight_scale_2)`` in ``dtype`` and
+      fake-quantizing its input with ``input_scale`` (none for ``W4A16_NVFP4``); every FP8 linear an
+      :class:`quantdag.format.fp8.FP8Linear`;
     - every other tensor of the model (excluded linears, embeddings, norms: BF16 in the file) is
       copied in, cast to ``dtype``;
     - tensors the class declares ignorable (``_keys_to_ignore_on_load_unexpected``: ``mtp.*`` for
@@ -206,7 +221,7 @@ def load_nvfp4_model(
         :class:`LoadedNVFP4Model` with the eval-mode model and what was read.
 
     Raises:
-        ValueError: a file is missing, ``quant_algo`` is not NVFP4, the KV-cache format is not
+        ValueError: a file is missing, ``quant_algo`` is not a format of :mod:`quantdag.format.layout`, the KV-cache format is not
             FP8 while ``fake_quant_kv`` is set, or the tensors do not match the model class (the
             message lists every offending tensor or module).
     """
@@ -252,12 +267,16 @@ def load_nvfp4_model(
             else:
                 state[key].copy_(reader[key])
         for prefix, parts in plan.quantized.items():
-            codes, scale, scale_2 = (reader[parts[s]].to(device) for s in NVFP4_SUFFIXES[:3])
             bias = reader[parts["bias"]].to(device) if "bias" in parts else None
-            input_scale = reader[parts["input_scale"]].to(device)
-            if packed:
+            input_scale = reader[parts["input_scale"]].to(device) if "input_scale" in parts else None
+            if plan.algos[prefix] == "FP8":
+                weight, scale = (reader[parts[s]].to(device) for s in ("weight", "weight_scale"))
+                layer = FP8Linear(weight, scale, input_scale, bias, dtype, packed=packed)
+            elif packed:
+                codes, scale, scale_2 = (reader[parts[s]].to(device) for s in NVFP4_SUFFIXES[:3])
                 layer = PackedNVFP4Linear(codes, scale, scale_2, input_scale, bias, dtype)
             else:
+                codes, scale, scale_2 = (reader[parts[s]].to(device) for s in NVFP4_SUFFIXES[:3])
                 layer = NVFP4Linear(dequantize_weight(codes, scale, scale_2).to(dtype), input_scale, bias)
             parent, _, child = prefix.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
@@ -286,7 +305,7 @@ def load_nvfp4_model(
 
 
 def count_quantized(export_dir: str | Path) -> dict[str, int]:
-    """Count an export's NVFP4 and high-precision linears and bytes, reading only file headers.
+    """Count an export's quantized (NVFP4, FP8) and high-precision linears and bytes, reading only file headers.
 
     The model is built on the meta device (no weights in memory) to tell linears from other
     modules.
@@ -295,9 +314,9 @@ def count_quantized(export_dir: str | Path) -> dict[str, int]:
         export_dir: directory written by ``export_hf_checkpoint``.
 
     Returns:
-        ``quantized_linears``: modules stored as NVFP4; ``excluded_linears``: ``nn.Linear`` modules
+        ``quantized_linears``: modules stored quantized; ``excluded_linears``: ``nn.Linear`` modules
         of the model stored in high precision (or tied); ``quantized_params``: elements of the
-        NVFP4 weights; ``quantized_bytes``: bytes of their weights and scales;
+        quantized weights; ``quantized_bytes``: bytes of their weights and scales;
         ``unquantized_bytes``: bytes of every other tensor the model loads; ``ignored_bytes``:
         tensors the class skips (``mtp.*``); ``total_bytes``: all tensors.
 
@@ -318,7 +337,8 @@ def count_quantized(export_dir: str | Path) -> dict[str, int]:
     return {
         "quantized_linears": len(plan.quantized),
         "excluded_linears": sum(1 for name in linears if name not in plan.quantized),
-        "quantized_params": sum(2 * tensors[p["weight"]].nbytes for p in plan.quantized.values()),
+        "quantized_params": sum((1 if plan.algos[m] == "FP8" else 2) * tensors[p["weight"]].nbytes
+                                for m, p in plan.quantized.items()),
         "quantized_bytes": sum(tensors[k].nbytes for k in quantized_keys),
         "unquantized_bytes": sum(tensors[k].nbytes for k in (*plan.plain, *kv_scale_keys)),
         "ignored_bytes": sum(tensors[k].nbytes for k in plan.ignored),

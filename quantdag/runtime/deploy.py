@@ -14,8 +14,13 @@ the Prefect objects the runs need exist, and returns what the YAML templates int
 
 ``prefect deployment run --param k=v`` parses ``v`` as JSON and Prefect merges parameters only
 at the top level, so a nested field cannot be overridden alone and ``--param revision=12345``
-would arrive as an int. The flow therefore takes a second, flat parameter ``revision``, which
-:func:`with_revision` applies to ``profile.base.revision`` as a string.
+would arrive as an int. The flow therefore takes two more, flat parameters, applied by
+:func:`apply_run_parameters`: ``revision`` (:func:`with_revision`: ``profile.base.revision``, as
+a string) and ``overrides`` (:func:`with_overrides`: dotted keys, ``{"eval.max_windows": 2}``), so
+a run changes one setting without sending the whole profile; the UI's run form shows both.
+
+The build step also warns (:func:`missing_inputs`) when the profile's local inputs or its S3
+bucket do not exist yet: a first run would fail on them (``quantdag prepare`` makes them).
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
-from conf import deep_merge, load_profile
+from conf import deep_merge, describe, load_profile
 from conf.schema import Profile
 from quantdag.runtime.version import code_version
 
@@ -77,6 +83,9 @@ def ensure_gpu_limits(devices: str) -> list[str]:
 def profile_step(profile: str, gpus: str = "0") -> dict[str, Any]:
     """``prefect.yaml`` build step: resolve ``profile`` and prepare what its deployment needs.
 
+    Prints a ``warning:`` line on stderr for each input a first run would miss
+    (:func:`missing_inputs`); the deployment is still made (workers may see other paths).
+
     Args:
         profile: shipped profile name (``demo``) or YAML path, resolved in the deploying shell.
         gpus: the ``CUDA_VISIBLE_DEVICES`` the deployment's runs get; a ``gpu-<i>`` limit is
@@ -87,6 +96,8 @@ def profile_step(profile: str, gpus: str = "0") -> dict[str, Any]:
         ``code_version`` and ``gpu_limits``.
     """
     resolved = load_profile(profile)
+    for problem in missing_inputs(resolved):
+        print(f"warning: deployment of profile {resolved.name}: {problem}", file=sys.stderr)
     return {
         "profile": json.loads(resolved.model_dump_json()),
         "result_storage_block": ensure_result_storage(resolved.artifact_store),
@@ -108,3 +119,83 @@ def with_revision(profile: Profile, revision: str | int | float | None) -> Profi
         raise ValueError(f"revision {revision!r} was parsed as {type(revision).__name__}; quote it: "
                          f"--param revision='\"<sha or tag>\"'")
     return Profile.model_validate(deep_merge(profile.model_dump(), {"base": {"revision": revision}}))
+
+
+def nest_dotted(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"eval.max_windows": 2, "base.revision": "abc"}`` -> ``{"eval": {"max_windows": 2}, "base": {...}}``.
+
+    Raises:
+        ValueError: a key is empty or has an empty part (``"eval."``), or one key is a prefix of
+            another (``"eval"`` and ``"eval.seq_len"``); the message names the key.
+    """
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        parts = str(key).split(".")
+        if not all(parts):
+            raise ValueError(f"override key {key!r}: expected dotted.field.names (e.g. eval.max_windows)")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override key {key!r} goes inside {part!r}, which is overridden as a whole")
+        if isinstance(node.get(parts[-1]), dict):
+            raise ValueError(f"override key {key!r} replaces the fields overridden one by one below it")
+        node[parts[-1]] = value
+    return out
+
+
+def with_overrides(profile: Profile, overrides: dict[str, Any] | None) -> Profile:
+    """``profile`` with dotted-key ``overrides`` merged in and re-validated; unchanged when empty.
+
+    Args:
+        profile: the resolved profile (a deployment's default ``profile`` parameter).
+        overrides: ``{"eval.max_windows": 2, "text.num_samples": 64}``; values are JSON values
+            (``prefect deployment run --param overrides='{"eval.max_windows": 2}'``).
+
+    Raises:
+        TypeError: ``overrides`` is not a mapping.
+        ValueError: a key is malformed (:func:`nest_dotted`) or the result is not a valid
+            profile; the message names every bad field by its dotted path.
+    """
+    if not overrides:
+        return profile
+    if not isinstance(overrides, dict):
+        raise TypeError(f"overrides must be a mapping of dotted keys to values, e.g. "
+                        f"{{\"eval.max_windows\": 2}}; got {type(overrides).__name__}")
+    from pydantic import ValidationError
+
+    try:
+        return Profile.model_validate(deep_merge(profile.model_dump(), nest_dotted(overrides)))
+    except ValidationError as err:
+        raise ValueError(f"overrides {json.dumps(overrides, default=str)} make an invalid profile:\n"
+                         f"{describe(err)}") from err
+
+
+def apply_run_parameters(profile: Profile, revision: str | int | float | None = None,
+                         overrides: dict[str, Any] | None = None) -> Profile:
+    """The profile a quantize run works on: ``overrides`` (:func:`with_overrides`), then ``revision``
+    (:func:`with_revision`, which wins over an ``overrides`` entry ``base.revision``).
+
+    Raises:
+        TypeError, ValueError: see :func:`with_overrides` and :func:`with_revision`.
+    """
+    return with_revision(with_overrides(profile, overrides), revision)
+
+
+def missing_inputs(profile: Profile) -> list[str]:
+    """What a first run of ``profile`` would fail on that can be checked from the deploying shell.
+
+    One line each: a local input path that does not exist (by field), an artifact store whose
+    S3 bucket is missing or unreachable; each names the fix (``quantdag prepare``).
+    """
+    from quantdag.runtime.preflight import PreflightError, check_s3, missing_local_inputs
+
+    problems = missing_local_inputs(profile)
+    if profile.artifact_store.startswith(("s3://", "s3a://")):
+        try:
+            check_s3(profile.artifact_store, "artifact store")
+        except PreflightError as err:
+            problems.append(f"{err}; create it with `quantdag prepare {profile.name}`")
+    if profile.name == "demo" and any(p.startswith(("base.local_dir", "text.path")) for p in problems):
+        problems.append("the demo model and corpus are built by `quantdag prepare demo`")
+    return problems

@@ -2,6 +2,11 @@
 
 Kept out of ``flows/quantize.py`` so the flow body only wires steps. Nothing here computes a
 result; everything reads the small references that steps return.
+
+The MLflow parent run is named like the Prefect flow run (``quantdag.runtime.naming``) and its
+description links the Prefect run; the Prefect summary links the MLflow run and the model
+version; the model version (``quantdag.runtime.registry``) links both and the reports
+(``quantdag.runtime.notes`` writes the markdown).
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from typing import Any
 
 from conf.schema import Profile
 from quantdag.model.loading import BaseRef
+from quantdag.runtime import notes, registry
+from quantdag.runtime.naming import run_name
 from quantdag.runtime.secrets import redact
 from quantdag.runtime.store import ArtifactRef, ArtifactStore
-from quantdag.runtime.tracking import Tracker, flatten, numeric, prefect_run_url
+from quantdag.runtime.tracking import DESCRIPTION_TAG, LOCAL_MLFLOW_UI, Tracker, flatten, numeric, prefect_run_link
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +74,30 @@ def environment_tags() -> dict[str, str]:
 
 @dataclass
 class Lineage:
-    """MLflow records of one quantize flow run."""
+    """MLflow records of one quantize flow run.
+
+    Attributes:
+        name: the run's name in both UIs (default :func:`quantdag.runtime.naming.run_name`; the
+            flow passes the Prefect flow run's name, which keeps a name given in the UI).
+        refs: step name -> its reference, for every step logged (:meth:`step`).
+        version: the model version :meth:`register` made or found, else None.
+    """
 
     profile: Profile
     base: BaseRef
     flow_run_id: str
     code_version: str
+    name: str | None = None
     tracker: Tracker = field(init=False)
     parent_id: str = field(init=False)
     children: dict[str, str] = field(default_factory=dict)
+    refs: dict[str, ArtifactRef] = field(default_factory=dict)
     model_loads: int = field(init=False, default=0)
+    version: registry.Version | None = field(init=False, default=None)
+    audit_meta: dict[str, Any] = field(init=False, default_factory=dict)
+    checkpoint: ArtifactRef | None = field(init=False, default=None)
+    prefect_url: str | None = field(init=False, default=None)
+    prefect_note: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         self.tracker = Tracker(self.profile.tracking_uri)
@@ -90,12 +111,25 @@ class Lineage:
             "code_version": self.code_version,
             **environment_tags(),
         }
-        url = prefect_run_url(self.flow_run_id)
-        if url:
-            tags["prefect.flow_run_url"] = url
+        self.name = self.name or run_name(self.profile, self.base)
+        self.prefect_url, self.prefect_note = prefect_run_link(self.flow_run_id)
+        if self.prefect_url:
+            tags["prefect.flow_run_url"] = self.prefect_url
         params = flatten("", json.loads(self.profile.model_dump_json()))
-        self.parent_id = self.tracker.parent(self.flow_run_id, f"quantize-{self.profile.name}", tags, params)
+        self.parent_id = self.tracker.parent(self.flow_run_id, self.name, tags, params)
         self.tracker.log_json(self.parent_id, "resolved_profile.json", json.loads(redact(self.profile.model_dump_json())))
+        self.describe_parent()
+
+    def describe_parent(self, metrics: dict[str, Any] | None = None) -> None:
+        """Write the parent run's description (:func:`quantdag.runtime.notes.parent_description`):
+        the Prefect link, base, recipe, data, and once known the metrics and the model version."""
+        version = (self.version.name, self.version.number) if self.version else None
+        text = notes.parent_description(self.name, self.profile, self.base, self.prefect_markdown(), version, metrics)
+        self.tracker.set_tag(self.parent_id, DESCRIPTION_TAG, text)
+
+    def prefect_markdown(self) -> str:
+        """The Prefect flow run as markdown: a link, and how to open it when its API serves no UI."""
+        return notes.prefect_line(self.prefect_url, self.prefect_note, self.name)
 
     def step(self, name: str, ref: ArtifactRef | None, *, cached: bool, store: ArtifactStore | None = None,
              params: dict[str, Any] | None = None, dataset_context: str | None = None) -> None:
@@ -110,6 +144,7 @@ class Lineage:
         if dataset_context:
             datasets = [{"name": f"{self.profile.name}-{dataset_context}", "digest": ref.sha256,
                          "source": str(ref.meta.get("source", ref.uri)), "context": dataset_context}]
+        self.refs[name] = ref
         self.children[name] = self.tracker.child(
             self.parent_id, name, cached=cached, params={"artifact.uri": ref.uri, "artifact.sha256": ref.sha256, **(params or {})},
             metrics=ref.meta, artifacts=attach, datasets=datasets,
@@ -144,12 +179,25 @@ class Lineage:
         Only what was audited is registered (:func:`require_audited`): ``audit`` must be a passed
         report of exactly this checkpoint, and every byte of the checkpoint is re-hashed first.
 
+        The version (one per checkpoint sha256, :mod:`quantdag.runtime.registry`) gets the alias
+        ``candidate``, the audit verdict, and this run as an output; versions of the model whose
+        checkpoints are gone from this store are marked missing first. :meth:`finish` then adds
+        this run's evaluation and rewrites the version's description.
+
+        Returns:
+            The version number.
+
         Raises:
             RegistrationRefused: the report is not a passed audit of this checkpoint.
             ArtifactDamagedError: the checkpoint's bytes differ from its manifest (it is then
                 unpublished: the next run recomputes the export).
         """
-        require_audited(ArtifactStore.for_ref(checkpoint), checkpoint, audit)
+        store = ArtifactStore.for_ref(checkpoint)
+        require_audited(store, checkpoint, audit)
+        client, name = self.tracker.client, self.profile.model_name
+        if missing := registry.mark_missing(client, name, lambda version: _present(store, version)):
+            log.warning("%s versions %s: their checkpoints are gone from %s; marked missing, aliases removed",
+                        name, ", ".join(missing), store.root)
         tags = {
             "base_repo": self.base.repo_id or "",
             "base_revision": self.base.revision,
@@ -157,34 +205,67 @@ class Lineage:
             "base_fingerprint": self.base.fingerprint,
             "checkpoint_sha256": checkpoint.sha256,
             "audit_report_sha256": audit.sha256,
+            "audit": "passed",
+            "recipe": self.profile.recipe.name,
             "code_version": self.code_version,
             "prefect_flow_run_id": self.flow_run_id,
         }
-        number = self.tracker.register(self.parent_id, self.profile.model_name, checkpoint.uri, tags)
-        self.tracker.set_tag(self.parent_id, "registered_model", f"{self.profile.model_name}/{number}")
-        return number
+        self.version = registry.register_checkpoint(client, self.tracker.experiment_id, self.parent_id, name,
+                                                    checkpoint.uri, tags)
+        registry.set_candidate(client, self.version)
+        self.checkpoint, self.audit_meta = checkpoint, dict(audit.meta)
+        self.tracker.set_tag(self.parent_id, "registered_model", f"{name}/{self.version.number}")
+        return self.version.number
+
+    def _describe_version(self, metrics: dict[str, Any]) -> None:
+        """Add this run's evaluation to the registered version and rewrite its description."""
+        client, version = self.tracker.client, self.version
+        links = {"mlflow_run": self.tracker.run_path(self.parent_id), "prefect": self.prefect_markdown(),
+                 "audit_report": self._report_link("audit", "audit_report.json"),
+                 "eval_report": self._report_link("evaluate", "eval_report.md")}
+        if evaluated := self.refs.get("evaluate"):
+            registry.record_evaluation(client, version, self.parent_id, evaluated.sha256, metrics, {
+                "mlflow_run": links["mlflow_run"], "prefect_run": self.prefect_url or "", "eval_report": links["eval_report"]})
+        header = notes.version_header(self.profile, self.base, self.checkpoint, self.audit_meta, metrics, links)
+        registry.describe(client, version, header)
+
+    def _report_link(self, step: str, file: str) -> str:
+        """Relative MLflow link to a report attached to a step's child run, or "" when it has none."""
+        child = self.children.get(step)
+        return f"{self.tracker.run_path(child)}/artifacts/{file}" if child else ""
 
     def finish(self, metrics: dict[str, Any], failed: bool = False) -> None:
-        """Copy headline metrics and ``model_loads`` (see :meth:`record_steps`) to the parent and end it."""
+        """Copy headline metrics and ``model_loads`` (see :meth:`record_steps`) to the parent and end it.
+
+        After a registration (:meth:`register`) it also records the evaluation on the model
+        version, rewrites the version's and the parent's descriptions (metrics, version link).
+        """
         values = {**numeric(metrics), "model_loads": float(self.model_loads)}
         if values:
             self.tracker._log(self.parent_id, metrics=values)
+        if not failed and self.version is not None:
+            self._describe_version(metrics)
+            self.describe_parent(metrics)
         self.tracker.finish(self.parent_id, "FAILED" if failed else "FINISHED")
 
     def summary_markdown(self, checkpoint: ArtifactRef | None, report: dict[str, Any], version_number: str | None,
                          cached: dict[str, bool]) -> str:
-        """The Prefect markdown artifact: where the checkpoint is, the metrics, the MLflow link."""
-        lines = [f"# quantize {self.profile.name}", "",
-                 f"- base: `{self.base.repo_id or self.base.source_dir}` revision `{self.base.revision_sha or self.base.revision}`",
-                 f"- checkpoint: `{checkpoint.uri if checkpoint else 'not produced'}`",
-                 f"- registered model: `{self.profile.model_name}` version {version_number or '-'}",
-                 f"- MLflow parent run: {self.tracker.run_url(self.parent_id)}",
-                 f"- code version: `{self.code_version}`", "", "| step | cached |", "|---|---|"]
-        lines += [f"| {step} | {'yes' if hit else 'no'} |" for step, hit in cached.items()]
-        if report:
-            lines += ["", "| metric | value |", "|---|---|"]
-            lines += [f"| {k} | {v:.6g} |" for k, v in report.items() if isinstance(v, int | float)]
-        return "\n".join(lines) + "\n"
+        """The Prefect markdown artifact (:func:`quantdag.runtime.notes.run_summary`): where the
+        checkpoint is, links to the MLflow run and model version, cached steps, the metrics."""
+        ui = self.tracker.ui_base()
+        mlflow = {"run": self.tracker.run_url(self.parent_id),
+                  "version": f"{ui}/#/models/{self.profile.model_name}/versions/{version_number}" if version_number else "",
+                  "note": "open it with `quantdag ui`" if ui == LOCAL_MLFLOW_UI else ""}
+        return notes.run_summary(self.name, self.profile, self.base, checkpoint.uri if checkpoint else None,
+                                 version_number, mlflow, self.prefect_note, self.code_version, cached, report)
+
+
+def _present(store: ArtifactStore, version: Any) -> bool:
+    """Whether a model version's checkpoint is still in ``store``; True for a version of another store."""
+    if not str(version.source).startswith(store.root + "/"):
+        return True
+    ref = ArtifactRef(uri=version.source, sha256=version.tags.get("checkpoint_sha256", ""), kind="checkpoint", files={})
+    return store.exists(ref)
 
 
 class RegistrationRefused(ValueError):

@@ -67,6 +67,7 @@ class StepMeter:
 def step_meter() -> Iterator[StepMeter]:
     """Measure the body as one step; the figures are in ``meter.figures`` afterwards (also on error)."""
     if torch.cuda.is_available():
+        torch.cuda.init()  # the caching allocator refuses a reset ("Invalid device argument") before CUDA's lazy init
         for device in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(device)
     _reset_rss_peak()

@@ -26,6 +26,8 @@ import os
 import tempfile
 import threading
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +36,20 @@ from mlflow.tracking import MlflowClient
 
 from conf.settings import settings
 from quantdag.runtime.liveness import PROCESS_TAG, process_identity
+from quantdag.runtime.registry import register_checkpoint
 from quantdag.runtime.secrets import redact
 
 EXPERIMENT = "quantdag"
 HEARTBEAT_TAG = "quantdag.heartbeat"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3 opens an experiment without this tag in its GenAI (traces) view; this kind opens the
+runs table and charts ("Model training")."""
+DESCRIPTION_TAG = "mlflow.note.content"
+"""The tag MLflow's UI shows, as markdown, as a run's description."""
+LOCAL_PREFECT_UI = "http://127.0.0.1:4200"
+LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
+"""Where ``quantdag ui`` serves Prefect's and MLflow's UIs over this machine's own stores (its default ports)."""
 _MAX_PARAM = 6000
 log = logging.getLogger(__name__)
 
@@ -88,9 +100,13 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment: str = EXPERIMENT) -> None:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
+        self.attempt = 1  # of the flow run whose parent run this tracker opened (:meth:`parent`)
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment, artifact_location=local_artifact_location(tracking_uri))
+            experiment, artifact_location=local_artifact_location(tracking_uri),
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        if found is not None and EXPERIMENT_KIND_TAG not in found.tags:  # made before the kind was set
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     def parent(self, flow_run_id: str, run_name: str, tags: dict[str, str], params: dict[str, str]) -> str:
         """Create (or, for a retried flow run, reopen) the parent run; returns its id."""
@@ -101,8 +117,9 @@ class Tracker:
         )
         if existing:
             run_id = existing[0].info.run_id
+            self.attempt = int(existing[0].data.tags.get("quantdag.attempts", "1")) + 1
             self.client.update_run(run_id, status="RUNNING")
-            self.client.set_tag(run_id, "quantdag.attempts", str(int(existing[0].data.tags.get("quantdag.attempts", "1")) + 1))
+            self.client.set_tag(run_id, "quantdag.attempts", str(self.attempt))
             self.client.set_tag(run_id, PROCESS_TAG, process_identity())  # the retry runs in another process
             Heartbeat.start(self.client, run_id)
             return run_id
@@ -122,12 +139,14 @@ class Tracker:
 
         ``datasets`` entries have ``name``, ``digest``, ``source`` and ``context`` (logged with
         ``log_inputs``). A finished step's child is FINISHED; re-logging a step on a retried flow
-        run replaces nothing and adds a new child (the old one stays, marked by its attempt).
+        run replaces nothing and adds a new child: children carry the tag ``quantdag.attempt``
+        and, from attempt 2 on, are named ``<step> (attempt <n>)``.
         """
+        name = step if self.attempt == 1 else f"{step} (attempt {self.attempt})"
         run = self.client.create_run(
-            self.experiment_id, run_name=step,
+            self.experiment_id, run_name=name,
             tags=safe_tags({"mlflow.parentRunId": parent_id, "quantdag.step": step, "cached": str(cached).lower(),
-                            **(tags or {})}),
+                            "quantdag.attempt": self.attempt, **(tags or {})}),
         )
         run_id = run.info.run_id
         self._log(run_id, params=flatten("", params or {}), metrics=numeric(metrics or {}))
@@ -161,33 +180,27 @@ class Tracker:
         self.client.set_terminated(run_id, status)
 
     def register(self, parent_id: str, model_name: str, source_uri: str, tags: dict[str, str]) -> str:
-        """Register the exported checkpoint as a model version; returns the version number.
-
-        A checkpoint already registered under ``model_name`` (same ``checkpoint_sha256`` tag) keeps
-        its version: an all-cached rerun adds no duplicate.
-
-        ``create_model_version`` on the artifact URI is used rather than ``register_model``,
-        which fails on a plain directory and leaves an empty model behind (MLflow 3).
-        """
-        try:
-            self.client.get_registered_model(model_name)
-        except Exception:  # noqa: BLE001 - MlflowException RESOURCE_DOES_NOT_EXIST
-            self.client.create_registered_model(model_name)
-        for existing in self.client.search_model_versions(f"name='{model_name}'"):
-            if tags.get("checkpoint_sha256") and existing.tags.get("checkpoint_sha256") == tags["checkpoint_sha256"]:
-                return existing.version  # the same checkpoint is registered once
-        version = self.client.create_model_version(model_name, source_uri, run_id=parent_id, tags=safe_tags(tags))
-        return version.version
+        """Register a checkpoint as a model version (:func:`quantdag.runtime.registry.register_checkpoint`:
+        one version per ``checkpoint_sha256`` tag, linked to ``parent_id``); returns the version number."""
+        return register_checkpoint(self.client, self.experiment_id, parent_id, model_name, source_uri, tags).number
 
     def set_tag(self, run_id: str, key: str, value: Any) -> None:
         """Set one tag, secrets masked."""
         self.client.set_tag(run_id, key, redact(str(value)))
 
+    def run_path(self, run_id: str) -> str:
+        """The run's page relative to MLflow's UI (``#/experiments/<id>/runs/<run>``): a link that works in
+        a description whatever host serves the UI."""
+        return f"#/experiments/{self.experiment_id}/runs/{run_id}"
+
+    def ui_base(self) -> str:
+        """MLflow's UI for this store: the tracking server itself, or for SQLite the local UI of
+        ``quantdag ui`` (:data:`LOCAL_MLFLOW_UI`); secrets masked."""
+        return redact(mlflow_ui_base(self.tracking_uri))
+
     def run_url(self, run_id: str) -> str:
-        """Link to the run in MLflow's UI (for http servers) or how to open it (SQLite); secrets masked."""
-        if self.tracking_uri.startswith("http"):
-            return redact(f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}")
-        return redact(f"mlflow ui --backend-store-uri {self.tracking_uri}  (experiment {EXPERIMENT}, run {run_id})")
+        """Absolute link to the run in MLflow's UI (:meth:`ui_base`); secrets masked."""
+        return f"{self.ui_base()}/{self.run_path(run_id)}"
 
 
 def heartbeat_seconds() -> float:
@@ -240,7 +253,56 @@ class Heartbeat:
                 log.warning("MLflow heartbeat of run %s failed: %s", self.run_id, err)
 
 
+def mlflow_ui_base(tracking_uri: str) -> str:
+    """MLflow's UI for ``tracking_uri``: an http(s) server serves its own; a SQLite store is served
+    by ``quantdag ui`` at :data:`LOCAL_MLFLOW_UI`."""
+    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_MLFLOW_UI
+
+
+def prefect_ui_base() -> tuple[str | None, bool]:
+    """Prefect's UI for this process's API and whether it is served there now.
+
+    ``PREFECT_UI_URL`` when set (trusted: a UI may be hosted apart from the API); otherwise the
+    API's URL without ``/api``, served when ``GET <ui>/ui-settings`` answers within 3 s with a
+    non-empty ``available_uis`` (Prefect's server lists the UI bundles it mounted; none with its
+    UI off). The temporary API of a ``quantdag run`` serves no UI.
+
+    Returns:
+        ``(url or None, served)``.
+    """
+    if os.environ.get("PREFECT_UI_URL"):
+        return os.environ["PREFECT_UI_URL"].rstrip("/"), True
+    api = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if not api.endswith("/api"):
+        return None, False
+    ui = api.removesuffix("/api")
+    try:
+        with urllib.request.urlopen(f"{ui}/ui-settings", timeout=3) as response:
+            return ui, bool(json.loads(response.read()).get("available_uis"))
+    except (OSError, ValueError, AttributeError):  # unreachable, or not Prefect's answer
+        return ui, False
+
+
+def prefect_run_link(flow_run_id: str) -> tuple[str | None, str]:
+    """Where to open a flow run in Prefect's UI, and a note for people.
+
+    Returns:
+        ``(url, note)``: the run's page on the UI that serves this API (:func:`prefect_ui_base`);
+        for an API on this machine that serves no UI (a ``quantdag run``'s temporary API, whose
+        runs live in this user's Prefect database), the page on ``quantdag ui``'s local UI and a
+        note saying to start it; for a remote API without a UI, no URL.
+    """
+    ui, served = prefect_ui_base()
+    path = f"/runs/flow-run/{flow_run_id}"
+    if ui and served:
+        return f"{ui}{path}", ""
+    host = urllib.parse.urlsplit(ui or "").hostname
+    if ui is None or host in ("127.0.0.1", "localhost", "::1"):
+        return f"{LOCAL_PREFECT_UI}{path}", "this run's Prefect API has no UI: open it with `quantdag ui`"
+    return None, f"flow run {flow_run_id} on the Prefect API {ui}/api, which serves no UI"
+
+
 def prefect_run_url(flow_run_id: str) -> str | None:
-    """URL of a flow run in the Prefect UI, when ``PREFECT_UI_URL`` or ``PREFECT_API_URL`` is set."""
-    ui = os.environ.get("PREFECT_UI_URL") or (os.environ.get("PREFECT_API_URL", "").removesuffix("/api") or None)
-    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui else None
+    """URL of a flow run in a Prefect UI that serves it now (:func:`prefect_ui_base`), else None."""
+    ui, served = prefect_ui_base()
+    return f"{ui}/runs/flow-run/{flow_run_id}" if ui and served else None

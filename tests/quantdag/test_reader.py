@@ -259,11 +259,14 @@ def test_malformed_exports_raise_value_error_naming_every_offender(llama_dir, tm
     assert "model.layers.0.self_attn.q_proj: weight_scale is F8_E4M3[64, 3]" in message
     assert "model.layers.0.mystery.weight: not a parameter or buffer" in message
 
+    int4 = _rewrite(llama_dir, tmp_path / "int4", edit_quant=lambda q: q.update(quant_algo="W4A16_AWQ"))
+    with pytest.raises(ValueError, match="quant_algo is 'W4A16_AWQ'"):
+        load_nvfp4_model(int4)
+    with pytest.raises(ValueError, match="quant_algo is 'W4A16_AWQ'"):
+        count_quantized(int4)
     fp8 = _rewrite(llama_dir, tmp_path / "fp8", edit_quant=lambda q: q.update(quant_algo="FP8"))
-    with pytest.raises(ValueError, match="quant_algo is 'FP8'"):
-        load_nvfp4_model(fp8)
-    with pytest.raises(ValueError, match="quant_algo is 'FP8'"):
-        count_quantized(fp8)
+    with pytest.raises(ValueError, match=r"q_proj: weight is U8\[64, 32\], expected F8_E4M3\[64, 64\]"):
+        load_nvfp4_model(fp8)  # NVFP4 tensors under an FP8 label: every layer named
 
     nvfp4_kv = _rewrite(
         llama_dir, tmp_path / "kv", edit_quant=lambda q: q.update(kv_cache_quant_algo="NVFP4")

@@ -200,21 +200,28 @@ def test_token_comes_from_secret_block_then_environment(prefect_api: str, hub: H
 
 # --- the registry check (and the lineage it relies on) --------------------------------------------
 
-def test_registered_version_carries_the_base_sha_and_counts_as_exported(mlflow_server: str) -> None:
+def test_registered_version_carries_the_base_sha_and_counts_as_exported(mlflow_server: str, s3_endpoint: str,
+                                                                         tmp_path: Path) -> None:
     from quantdag.runtime.lineage import Lineage
     from quantdag.model.loading import BaseRef
-    from quantdag.runtime.store import ArtifactRef
+    from quantdag.runtime.store import ArtifactRef, ArtifactStore
 
     sha, model = _sha(), f"watch-test-{uuid.uuid4().hex[:8]}-nvfp4"
+    store = ArtifactStore(f"s3://quantdag/hub-watch-{uuid.uuid4().hex[:8]}")
     profile = load_profile(PROFILE, {"tracking_uri": mlflow_server, "registered_model_name": model,
-                                     "base": {"revision": "main"}})
+                                     "base": {"revision": "main"}, "artifact_store": store.root})
     base = BaseRef(source_dir="/models/qwen", repo_id="Qwen/Qwen3.6-27B", revision="main", revision_sha=sha,
                    fingerprint=sha, is_vlm=True, model_type="qwen3_5")
     assert not already_exported(mlflow_server, model, "Qwen/Qwen3.6-27B", sha), "no model yet: nothing exported"
 
     lineage = Lineage(profile, base, str(uuid.uuid4()), "test")
-    checkpoint = ArtifactRef(uri="s3://quantdag/artifacts/checkpoint/x", sha256="0" * 64, kind="checkpoint", files={})
-    number = lineage.register(checkpoint)
+    files = tmp_path / "checkpoint"
+    files.mkdir()
+    (files / "config.json").write_text("{}")
+    checkpoint = store.put_dir(files, "checkpoint", {})
+    audit = ArtifactRef(uri=f"{store.root}/objects/audit-report/x", sha256="1" * 64, kind="audit-report", files={},
+                        meta={"passed": True, "checkpoint_sha256": checkpoint.sha256})
+    number = lineage.register(checkpoint, audit)  # only an audited checkpoint is registered
 
     version = MlflowClient(tracking_uri=mlflow_server).get_model_version(model, number)
     assert version.tags["base_revision_sha"] == sha, "the version must name the commit actually loaded"
