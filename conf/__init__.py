@@ -113,7 +113,13 @@ ProfileLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?
 
 def read_yaml(path: Path) -> Any:
     """Parse a profile or watch file with :class:`ProfileLoader`."""
-    return yaml.load(path.read_text(), Loader=ProfileLoader)  # noqa: S506 - a SafeLoader subclass
+    try:
+        return yaml.load(path.read_text(), Loader=ProfileLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:  # one line: file, line:column, what the parser says
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{where}: not valid YAML ({problem}); fix the file there") from err
 
 
 def load_profile(name_or_path: str, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Profile:

@@ -211,6 +211,7 @@ class LeaseLockManager:
         self.poll = poll
         self._held: dict[str, _Held] = {}
         self._guard = threading.Lock()
+        self._renewing = threading.Lock()  # one lease write at a time: a renewal or a release
         self._heartbeat: threading.Thread | None = None
         self._backends: dict[str, tuple[Any, str]] = {}
 
@@ -260,16 +261,19 @@ class LeaseLockManager:
                         return
                 continue
             for key, entry in held.items():
-                if entry.lost:
-                    continue
                 backend, _ = self._where(key)
-                try:
-                    entry.etag = backend.replace(entry.path, self._body(key, entry.holder), entry.etag)
-                except _Conflict:
-                    entry.lost = True
-                    log.error("lease %s was taken over by another run: this holder stalled past its lease", entry.path)
-                except Exception as err:  # noqa: BLE001 - keep renewing; the next beat may succeed
-                    log.warning("could not renew lease %s: %s", entry.path, err)
+                with self._renewing:  # a release waits: it never deletes under a renewal, nor with a stale etag
+                    with self._guard:
+                        if entry.lost or self._held.get(key) is not entry:  # released since the snapshot
+                            continue
+                    try:
+                        entry.etag = backend.replace(entry.path, self._body(key, entry.holder), entry.etag)
+                    except _Conflict:
+                        entry.lost = True
+                        log.error("lease %s was taken over by another run: this holder stalled past its lease",
+                                  entry.path)
+                    except Exception as err:  # noqa: BLE001 - keep renewing; the next beat may succeed
+                        log.warning("could not renew lease %s: %s", entry.path, err)
 
     # ----------------------------------------------------------------------------- protocol
     def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
@@ -334,16 +338,17 @@ class LeaseLockManager:
         Raises:
             ValueError: ``holder`` does not hold the lock on ``key`` in this process.
         """
-        with self._guard:
-            entry = self._held.get(key)
-            if entry is None or entry.holder != holder:
-                raise ValueError(f"cannot release lock on {key!r}: not held by {holder!r}")
-            del self._held[key]
-        backend, _ = self._where(key)
-        if entry.lost:
-            log.warning("not deleting lease %s: another run took it over", entry.path)
-            return
-        backend.delete(entry.path, entry.etag)
+        with self._renewing:
+            with self._guard:
+                entry = self._held.get(key)
+                if entry is None or entry.holder != holder:
+                    raise ValueError(f"cannot release lock on {key!r}: not held by {holder!r}")
+                del self._held[key]
+            backend, _ = self._where(key)
+            if entry.lost:
+                log.warning("not deleting lease %s: another run took it over", entry.path)
+                return
+            backend.delete(entry.path, entry.etag)
 
     def is_locked(self, key: str) -> bool:
         """True while some holder's lease on ``key`` has not expired."""

@@ -29,13 +29,29 @@ _GENERATED = re.compile(r"^[a-z]+-[a-z]+$")
 _SHA = re.compile(r"^[0-9a-f]{7,64}$")
 
 
+_FORMAT_TAGS = {"nvfp4": "nvfp4", "nvfp4_w4a16": "w4a16", "fp8": "fp8", "bf16": "bf16"}
+
+
+def recipe_label(recipe: RecipeSpec) -> str:
+    """What the recipe does, read from its fields (never from its ``name``, which a changed setting
+    leaves as it was): the linear formats, then the weight-scale rule.
+
+    ``nvfp4-max`` (every group NVFP4 W4A4), ``w4a16-mse``, ``mlp-nvfp4-attn-fp8-lin-fp8-local_hessian``.
+    """
+    groups = {"mlp": recipe.formats.mlp, "attn": recipe.formats.attention, "lin": recipe.formats.linear_attention}
+    formats = {_FORMAT_TAGS.get(fmt, fmt) for fmt in groups.values()}
+    label = formats.pop() if len(formats) == 1 else "-".join(f"{g}-{_FORMAT_TAGS.get(f, f)}" for g, f in groups.items())
+    return f"{label}-{recipe.weight_scale}"
+
+
 def recipe_tag(recipe: RecipeSpec) -> str:
-    """A short tag of the recipe for run names: its name, plus ``-kvfp8`` for an FP8 KV cache.
+    """A short tag of the recipe for run names: :func:`recipe_label`, plus ``-kvfp8`` for an FP8 KV cache.
 
     ``nvfp4-max-kvfp8`` for the reference recipe (NVFP4 W4A4, max-calibrated scales, FP8 E4M3 KV
     cache with constant amax). The one place that reads a :class:`RecipeSpec` for a label.
     """
-    return f"{recipe.name}-kvfp8" if recipe.kv_cache == "fp8_cast" else recipe.name
+    label = recipe_label(recipe)
+    return f"{label}-kvfp8" if recipe.kv_cache == "fp8_cast" else label
 
 
 def recipe_summary(recipe: RecipeSpec) -> str:
@@ -43,7 +59,8 @@ def recipe_summary(recipe: RecipeSpec) -> str:
     KV cache and how many exclusion patterns (``exclude_modules``) it has."""
     formats = ", ".join(f"{group} {fmt}" for group, fmt in recipe.formats.model_dump().items())
     kv = "FP8 E4M3 KV cache (constant amax 448)" if recipe.kv_cache == "fp8_cast" else "BF16 KV cache"
-    return (f"`{recipe.name}`: {formats}; {recipe.weight_scale} weight scales, block {recipe.group_size}; {kv}; "
+    named = recipe.name if recipe.name == recipe_label(recipe) else f"{recipe.name} ({recipe_label(recipe)})"
+    return (f"`{named}`: {formats}; {recipe.weight_scale} weight scales, block {recipe.group_size}; {kv}; "
             f"{len(recipe.exclude_modules)} exclude_modules patterns")
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conf import deep_merge, expand, list_profiles, load_profile
@@ -93,3 +95,10 @@ def test_yaml_revision_that_yaml_1_1_reads_as_a_number_stays_the_text_written(tm
     path = tmp_path / "pinned.yaml"
     path.write_text(text.replace("\nbase:\n", f"\nbase:\n  revision: {written}\n", 1))
     assert load_profile(str(path)).base.revision == written
+
+
+def test_malformed_yaml_is_one_error_naming_file_line_and_column(tmp_path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\nbase: [unclosed\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(broken))}:3:1: not valid YAML \(expected ','"):
+        load_profile(str(broken))

@@ -46,8 +46,13 @@ def test_run_name_says_profile_base_revision_and_recipe(profile) -> None:
                        fingerprint="f" * 64, is_vlm=True, model_type="qwen3_5")
     assert run_name(profile, resolved) == "qwen3.6-27b-nvfp4-Qwen3.6-27B@1a2b3c4-nvfp4-max-kvfp8"
     no_kv = with_overrides(profile, {"recipe.kv_cache": "none", "recipe.name": "w4a4-mse", "recipe.weight_scale": "mse"})
-    assert recipe_tag(no_kv.recipe) == "w4a4-mse"
+    assert recipe_tag(no_kv.recipe) == "nvfp4-mse"
     assert run_name(no_kv) != run_name(profile), "another recipe gives another name"
+    # a changed setting with the recipe's name left as it was: the tag follows what the recipe does
+    mse = with_overrides(profile, {"recipe.weight_scale": "mse"})
+    assert mse.recipe.name == "nvfp4-max" and recipe_tag(mse.recipe) == "nvfp4-mse-kvfp8"
+    mixed = with_overrides(profile, {"recipe.formats.attention": "fp8", "recipe.formats.linear_attention": "fp8"})
+    assert recipe_tag(mixed.recipe) == "mlp-nvfp4-attn-fp8-lin-fp8-max-kvfp8"
 
 
 def test_generated_names_are_told_from_given_ones() -> None:

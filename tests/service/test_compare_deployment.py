@@ -31,7 +31,9 @@ def test_compare_deployment_runs_every_recipe_on_one_calibration(stack: Stack) -
     result = stack.flow_result(run)
     assert {row["recipe"] for row in result["rows"]} == set(names)
     calibrations = {step: hit for step, hit in result["cached"].items() if "/calibrate_" in step}
-    assert [hit for step, hit in sorted(calibrations.items()) if step.startswith("nvfp4-max/")] == [False]
+    # one calibration for all: the first recipe's is computed (or Cached from an earlier run of the same
+    # demo on this stack), every other recipe's is a cache hit of it
+    assert [step for step in calibrations if step.startswith("nvfp4-max/")], calibrations
     assert all(hit for step, hit in calibrations.items() if not step.startswith("nvfp4-max/")), calibrations
     (parent,) = stack.parent_runs(flow_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["flow"] == "compare"
