@@ -33,7 +33,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import struct
 import tempfile
 import time
@@ -155,27 +154,13 @@ def _build_pool_checkpoint(out_dir: Path, dims: Any, tokenizer_dir: Path, seed: 
                            workers: int | None) -> Path:
     """``build_qwen3_5_checkpoint``'s files (config, generation config, processor and tokenizer
     files, index) with the ``pool`` fill's safetensors."""
-    import torch
+    from quantdag.demo.tiny_model import build_qwen3_5_checkpoint
 
-    from quantdag.demo.dims import qwen3_5_config
-    from quantdag.demo.processor_files import write_generation_config, write_processor_files
-    from quantdag.demo.tiny_model import TOKENIZER_FILES
-    from quantdag.demo.weights import model_specs, mtp_specs
+    def write_weights(out: Path, specs: list[Any], seed: int, max_shard_bytes: int) -> None:
+        write_pool_safetensors(out, specs, seed, max_shard_bytes, workers)
 
-    missing = [name for name in TOKENIZER_FILES if not (tokenizer_dir / name).is_file()]
-    if missing:
-        raise ValueError(f"tokenizer_dir={tokenizer_dir} lacks {missing}")
-    if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes={max_shard_bytes}: pass a positive byte count")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = qwen3_5_config(dims, torch.bfloat16)
-    write_pool_safetensors(out_dir, model_specs(config) + mtp_specs(config), seed, max_shard_bytes, workers)
-    config.save_pretrained(out_dir)
-    write_generation_config(out_dir)
-    write_processor_files(out_dir, dims)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(tokenizer_dir / name, out_dir / name)
-    return out_dir
+    return build_qwen3_5_checkpoint(out_dir, dims, tokenizer_dir, seed=seed, max_shard_bytes=max_shard_bytes,
+                                    write_weights=write_weights)
 
 
 def build_model(out_dir: Path, layers: int, *, tiny: bool = False, seed: int = 0, tokenizer_dir: Path | None = None,

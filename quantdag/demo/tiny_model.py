@@ -10,7 +10,9 @@ one MTP (multi-token prediction) layer of the release under `mtp.*`.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +30,7 @@ def build_qwen3_5_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
     max_shard_bytes: int = 4 * 2**30,
+    write_weights: Callable[[Path, list[Any], int, int], Any] | None = None,
 ) -> Path:
     """Write a random-weight Qwen3.5 VLM checkpoint, complete enough to quantize and serve.
 
@@ -51,6 +54,9 @@ def build_qwen3_5_checkpoint(
         dtype: Parameter dtype (the release's is `torch.bfloat16`).
         max_shard_bytes: Largest safetensors file before the checkpoint is split; also bounds the
             memory the writer holds (about one shard).
+        write_weights: ``(out_dir, specs, seed, max_shard_bytes)`` writes the safetensors (and their
+            index); default :func:`quantdag.demo.weights.write_safetensors` in ``dtype``. The
+            benchmarks pass a faster writer for 27B-sized checkpoints.
 
     Returns:
         `out_dir` as a `Path`.
@@ -73,7 +79,10 @@ def build_qwen3_5_checkpoint(
 
     config = qwen3_5_config(dims, dtype)
     specs = model_specs(config) + mtp_specs(config)
-    write_safetensors(out, specs, seed=seed, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    if write_weights is None:
+        write_safetensors(out, specs, seed=seed, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    else:
+        write_weights(out, specs, seed, max_shard_bytes)
     config.save_pretrained(out)
     write_generation_config(out)
     write_processor_files(out, dims)
